@@ -1,0 +1,76 @@
+"""Celery settings (plain module, Celery's convention), derived from the environment.
+
+SPEC §1: SQS broker through kombu, acks late, reject on worker lost, prefetch 1.
+A task is acknowledged only after it returns, i.e. after finalize COMMIT; a
+worker killed mid-run leaves the message to come back after its visibility
+timeout, and the lease decides whether it may run again.
+"""
+from urllib.parse import urlsplit
+
+from dpp.config import get_settings, is_loopback_url
+
+_s = get_settings()
+
+
+def _broker_url() -> str:
+    if not _s.sqs_endpoint_url:
+        return "sqs://"  # real AWS: region from transport options, credentials from the chain
+    parts = urlsplit(_s.sqs_endpoint_url)
+    creds = _s.aws_credentials(_s.sqs_endpoint_url)
+    auth = f"{creds['aws_access_key_id']}:{creds['aws_secret_access_key']}@" if creds else ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"sqs://{auth}{parts.hostname}{port}"
+
+
+broker_url = _broker_url()
+broker_transport_options = {
+    "region": _s.aws_region,
+    "is_secure": not is_loopback_url(_s.sqs_endpoint_url) if _s.sqs_endpoint_url else True,
+    # Longer than the lease: a live worker's message must not reappear while it
+    # still holds the lease (the heartbeat extends both).
+    "visibility_timeout": max(2 * _s.worker_lease_ttl_sec, 30),
+    "wait_time_seconds": 5,
+    "polling_interval": 0.1,
+}
+if _s.sqs_queue_url:
+    # Predefined: kombu neither lists nor creates queues, so the DLQ redrive set
+    # up with the queue is never replaced by a plain auto-created one.
+    broker_transport_options["predefined_queues"] = {
+        _s.sqs_queue_name: {"url": _s.sqs_queue_url, **{
+            k.replace("aws_", ""): v for k, v in _s.aws_credentials(_s.sqs_endpoint_url).items()
+        }},
+    }
+
+broker_connection_retry_on_startup = True
+broker_connection_timeout = 5
+
+task_default_queue = _s.sqs_queue_name
+task_serializer = "json"
+accept_content = ["json"]
+result_serializer = "json"
+task_ignore_result = True
+result_backend = None
+
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+# A task that raises (PostgreSQL down at claim or finalize) is rejected, not
+# acknowledged: with the queue's redrive policy kombu leaves the message for
+# SQS to deliver again, and the dead-letter queue takes it after 3 receives.
+task_acks_on_failure = False
+task_acks_on_timeout = False
+worker_hijack_root_logger = False
+
+# Publishing from the API must fail fast: a 503 with nothing reserved beats a
+# request hanging on a dead queue.
+task_publish_retry = True
+task_publish_retry_policy = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+
+beat_scheduler = "redbeat.RedBeatScheduler"
+redbeat_redis_url = _s.redis_url
+redbeat_key_prefix = "dpp:redbeat"
+redbeat_lock_timeout = 5 * 60
+beat_max_loop_interval = 5
+
+timezone = "UTC"
+enable_utc = True

@@ -1,0 +1,149 @@
+"""The Redis budget gate: the Lua scripts of `lua/`, loaded once, called by SHA.
+
+Key names are SPEC §2's. Every key a script touches carries the `{tenant_id}`
+hash tag, so the scripts run unchanged on Redis Cluster / Valkey Serverless.
+This adapter knows nothing about the ledger; `dpp.services.ledger` drives it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+
+import redis
+
+from dpp.domain.errors import DependencyUnavailable
+
+RECEIPT_TTL_SEC = 30 * 24 * 3600
+
+
+def balance_key(tenant_id: str) -> str:
+    return f"budget:{{{tenant_id}}}:balance_usd_micros"
+
+
+def reserve_key(tenant_id: str, run_id: str) -> str:
+    return f"reserve:{{{tenant_id}}}:{run_id}"
+
+
+def receipt_key(tenant_id: str, run_id: str) -> str:
+    return f"settle_receipt:{{{tenant_id}}}:{run_id}"
+
+
+def _load(name: str) -> str:
+    return resources.files("dpp.adapters").joinpath("lua", f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True)
+class ReserveOutcome:
+    ok: bool
+    balance_micros: int
+    amount_micros: int
+    code: int
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What Redis recorded for a settlement; `replayed` when it was already settled."""
+
+    charge_micros: int
+    release_micros: int
+    settled_at_ms: int
+    replayed: bool
+    reservation_missing: bool = False
+
+
+class BudgetMissing(Exception):
+    """Redis has no balance for the tenant (new, or wiped): rebuild from the ledger."""
+
+
+class AlreadySettled(Exception):
+    """A reservation was asked for a run whose reservation was already settled."""
+
+
+class RedisBudget:
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        # register_script sends EVALSHA and falls back to EVAL on NOSCRIPT, so a
+        # restarted or failed-over Redis reloads the scripts by itself.
+        self._reserve = client.register_script(_load("reserve"))
+        self._settle = client.register_script(_load("settle"))
+        self._release = client.register_script(_load("release"))
+        self._credit = client.register_script(_load("credit"))
+
+    @classmethod
+    def from_url(cls, url: str) -> "RedisBudget":
+        return cls(
+            redis.Redis.from_url(
+                url, socket_connect_timeout=2, socket_timeout=2, health_check_interval=30
+            )
+        )
+
+    def _call(self, script, keys, args):
+        try:
+            return script(keys=keys, args=args)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise DependencyUnavailable("redis", str(exc)) from exc
+
+    def reserve(self, tenant_id: str, run_id: str, amount_micros: int) -> ReserveOutcome:
+        code, balance, amount = self._call(
+            self._reserve,
+            [balance_key(tenant_id), reserve_key(tenant_id, run_id), receipt_key(tenant_id, run_id)],
+            [amount_micros, _now_ms()],
+        )
+        if code == -3:
+            raise BudgetMissing(tenant_id)
+        if code == -2:
+            raise AlreadySettled(run_id)
+        return ReserveOutcome(ok=code == 1, balance_micros=int(balance), amount_micros=int(amount), code=code)
+
+    def settle(self, tenant_id: str, run_id: str, charge_micros: int) -> Receipt:
+        code, charge, release, settled_at = self._call(
+            self._settle,
+            [balance_key(tenant_id), reserve_key(tenant_id, run_id), receipt_key(tenant_id, run_id)],
+            [charge_micros, _now_ms(), RECEIPT_TTL_SEC],
+        )
+        return Receipt(
+            charge_micros=int(charge),
+            release_micros=int(release),
+            settled_at_ms=int(settled_at),
+            replayed=code == 2,
+            reservation_missing=code == -1,
+        )
+
+    def release(self, tenant_id: str, run_id: str) -> int:
+        return int(self._call(self._release, [balance_key(tenant_id), reserve_key(tenant_id, run_id)], []))
+
+    def credit(self, tenant_id: str, amount_micros: int, ledger_available_micros: int) -> int:
+        return int(
+            self._call(self._credit, [balance_key(tenant_id)], [amount_micros, ledger_available_micros])
+        )
+
+    def available(self, tenant_id: str) -> int | None:
+        try:
+            raw = self.client.get(balance_key(tenant_id))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise DependencyUnavailable("redis", str(exc)) from exc
+        return None if raw is None else int(raw)
+
+    def reservation(self, tenant_id: str, run_id: str) -> int | None:
+        raw = self.client.hget(reserve_key(tenant_id, run_id), "amount")
+        return None if raw is None else int(raw)
+
+    def restore(self, tenant_id: str, available_micros: int, reservations: dict[str, int]) -> None:
+        """Set the tenant's Redis state to what the ledger says (`dpp budget rebuild`).
+
+        One MULTI on keys of one hash tag, so a cluster accepts it. Reservations
+        the ledger holds are put back so that their later settle finds them.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(balance_key(tenant_id), available_micros)
+        for run_id, amount in reservations.items():
+            pipe.hset(reserve_key(tenant_id, run_id), mapping={"amount": amount, "reserved_at": _now_ms()})
+        pipe.execute()
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,57 @@
+"""PostgreSQL engine and sessions, one engine per process.
+
+Celery's prefork pool and gunicorn fork after import; an engine (and its
+sockets) must never cross a fork, so the engine is keyed by PID.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from dpp.config import Settings
+
+_engines: dict[tuple[int, str], Engine] = {}
+
+
+def engine_for(settings: Settings) -> Engine:
+    key = (os.getpid(), settings.database_url)
+    engine = _engines.get(key)
+    if engine is None:
+        kwargs: dict = {"future": True, "pool_pre_ping": True}
+        if settings.db_pool == "nullpool":
+            # For PgBouncer/Supabase transaction pooling: let the pooler pool.
+            kwargs = {"poolclass": NullPool}
+        else:
+            kwargs.update(pool_size=5, max_overflow=5, pool_timeout=5)
+        engine = create_engine(
+            settings.database_url,
+            connect_args={"connect_timeout": 5, "application_name": "dpp"},
+            **kwargs,
+        )
+        _engines[key] = engine
+    return engine
+
+
+class Database:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    @property
+    def engine(self) -> Engine:
+        return engine_for(self.settings)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One unit of work: commit on success, roll back on any exception."""
+        session = sessionmaker(bind=self.engine, expire_on_commit=False)()
+        try:
+            with session.begin():
+                yield session
+        finally:
+            session.close()

@@ -1,0 +1,14 @@
+-- Give a whole reservation back when no run was ever recorded for it
+-- (the run row insert failed, or another request won the idempotency key).
+-- KEYS[1] budget:{tenant}:balance_usd_micros
+-- KEYS[2] reserve:{tenant}:{run}
+-- Returns the amount released (0 when there was nothing to release).
+local amount = redis.call('HGET', KEYS[2], 'amount')
+if not amount then
+  return 0
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('INCRBY', KEYS[1], amount)
+end
+redis.call('DEL', KEYS[2])
+return tonumber(amount)

@@ -1,0 +1,27 @@
+"""Enqueue runs on the Celery broker (SQS). The only place that publishes."""
+from __future__ import annotations
+
+import logging
+
+from dpp.domain.errors import DependencyUnavailable
+
+EXECUTE_RUN = "dpp.execute_run"
+log = logging.getLogger(__name__)
+
+
+class CeleryQueue:
+    def __init__(self, app):
+        self.app = app
+
+    def enqueue_run(self, run_id: str, trace_id: str) -> None:
+        """Publish one `dpp.execute_run`; the task id is the run id, for tracing in Flower."""
+        try:
+            self.app.send_task(
+                EXECUTE_RUN,
+                args=[run_id],
+                task_id=run_id,
+                headers={"trace_id": trace_id},
+            )
+        except Exception as exc:  # kombu/boto raise many types; all mean "not enqueued"
+            log.warning("enqueue failed", extra={"run_id": run_id, "error": repr(exc)})
+            raise DependencyUnavailable("sqs", type(exc).__name__) from exc

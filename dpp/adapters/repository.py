@@ -1,0 +1,147 @@
+"""Queries over runs, tenants, keys and plans. SQL lives here, rules do not.
+
+`RunRepository.apply` is the compare-and-set that makes the state machine's
+checks atomic: it writes only if the row still has the version that was judged.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from dpp.adapters import orm
+from dpp.domain.runs import Changes, FinalizeStage, MoneyState, RunSnapshot, RunStatus
+
+
+def snapshot(row: orm.Run) -> RunSnapshot:
+    return RunSnapshot(
+        run_id=str(row.id),
+        version=row.version,
+        status=RunStatus(row.status),
+        finalize_stage=FinalizeStage(row.finalize_stage),
+        money_state=MoneyState(row.money_state),
+        lease_token=str(row.lease_token) if row.lease_token else None,
+        lease_expires_at=row.lease_expires_at,
+        reserved_micros=row.reserved_micros,
+        minimum_fee_micros=row.minimum_fee_micros,
+    )
+
+
+def _column_value(value: Any) -> Any:
+    if hasattr(value, "value"):  # enums are stored as their text
+        return value.value
+    return value
+
+
+class RunRepository:
+    def __init__(self, session: Session):
+        self.session = session
+
+    def add(self, run: orm.Run) -> None:
+        self.session.add(run)
+        self.session.flush()
+
+    def get(self, run_id: str, *, for_update: bool = False) -> orm.Run | None:
+        try:
+            key = uuid.UUID(str(run_id))
+        except ValueError:
+            return None
+        stmt = select(orm.Run).where(orm.Run.id == key)
+        if for_update:
+            stmt = stmt.with_for_update()
+        return self.session.execute(stmt).scalar_one_or_none()
+
+    def get_for_tenant(self, tenant_id: str, run_id: str) -> orm.Run | None:
+        run = self.get(run_id)
+        # Another tenant's run is indistinguishable from a missing one (SPEC §4: 404).
+        return run if run is not None and run.tenant_id == tenant_id else None
+
+    def by_idempotency_key(self, tenant_id: str, key: str) -> orm.Run | None:
+        return self.session.execute(
+            select(orm.Run).where(orm.Run.tenant_id == tenant_id, orm.Run.idempotency_key == key)
+        ).scalar_one_or_none()
+
+    def apply(self, snap: RunSnapshot, changes: Changes) -> bool:
+        """Write `changes` iff the run is still at `snap.version`; True when it was written."""
+        values = {k: _column_value(v) for k, v in changes.items()}
+        values["version"] = orm.Run.version + 1
+        values["updated_at"] = func.now()
+        result = self.session.execute(
+            update(orm.Run)
+            .where(orm.Run.id == uuid.UUID(snap.run_id), orm.Run.version == snap.version)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1
+
+    def set_progress(self, run_id: str, lease_token: str, progress: float) -> None:
+        # Progress is informational: it does not bump the version, so it never
+        # makes a lease claim or finalize lose its compare-and-set.
+        self.session.execute(
+            update(orm.Run)
+            .where(
+                orm.Run.id == uuid.UUID(run_id),
+                orm.Run.lease_token == uuid.UUID(lease_token),
+                orm.Run.status == RunStatus.PROCESSING.value,
+            )
+            .values(progress=progress)
+        )
+
+
+class TenantRepository:
+    def __init__(self, session: Session):
+        self.session = session
+
+    def get(self, tenant_id: str) -> orm.Tenant | None:
+        return self.session.get(orm.Tenant, tenant_id)
+
+    def plan(self, plan_id: str) -> orm.Plan | None:
+        return self.session.get(orm.Plan, plan_id)
+
+    def key_by_hash(self, key_hash: str) -> orm.ApiKey | None:
+        return self.session.execute(
+            select(orm.ApiKey).where(orm.ApiKey.key_hash == key_hash)
+        ).scalar_one_or_none()
+
+    def upsert_plan(self, **values: Any) -> None:
+        stmt = insert(orm.Plan).values(**values)
+        self.session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[orm.Plan.id],
+                set_={k: stmt.excluded[k] for k in values if k != "id"},
+            )
+        )
+
+
+def record_usage(
+    session: Session, tenant_id: str, day: date, *, completed: bool, charged: int, released: int
+) -> None:
+    """Daily usage counters, written in the same transaction as the settlement."""
+    stmt = insert(orm.UsageDaily).values(
+        tenant_id=tenant_id,
+        day=day,
+        runs_completed=1 if completed else 0,
+        runs_failed=0 if completed else 1,
+        charged_micros=charged,
+        released_micros=released,
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[orm.UsageDaily.tenant_id, orm.UsageDaily.day],
+            set_={
+                "runs_completed": orm.UsageDaily.runs_completed + stmt.excluded.runs_completed,
+                "runs_failed": orm.UsageDaily.runs_failed + stmt.excluded.runs_failed,
+                "charged_micros": orm.UsageDaily.charged_micros + stmt.excluded.charged_micros,
+                "released_micros": orm.UsageDaily.released_micros + stmt.excluded.released_micros,
+            },
+        )
+    )
+
+
+def utcnow(session: Session) -> datetime:
+    """The database's clock: leases are judged by one clock, not by each worker's."""
+    return session.execute(select(func.now())).scalar_one()

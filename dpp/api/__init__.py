@@ -1,0 +1,37 @@
+"""Flask application factory (gunicorn: `"dpp.api:create_app()"`)."""
+from __future__ import annotations
+
+from flask import Flask
+from flask_smorest import Api
+
+from dpp import __version__
+from dpp.api import balance, context, errors, health, runs
+from dpp.config import get_settings
+from dpp.logs import configure_logging
+
+
+def create_app(overrides: dict | None = None) -> Flask:
+    settings = get_settings()
+    settings.check_production()
+    configure_logging(settings)
+    app = Flask(__name__)
+    app.config.update(
+        API_TITLE="Decisionproof API",
+        API_VERSION=__version__,
+        OPENAPI_VERSION="3.1.0",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        MAX_CONTENT_LENGTH=256 * 1024,
+        JSON_SORT_KEYS=False,
+    )
+    app.config.update(overrides or {})
+    api = Api(app)
+    api.register_blueprint(runs.blp)
+    api.register_blueprint(balance.blp)
+    app.register_blueprint(health.blp)
+    app.before_request(context.begin_request)
+    app.after_request(context.end_request)
+    errors.register(app)  # after Api(): our problem+json replaces its error handler
+    return app

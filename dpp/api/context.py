@@ -1,0 +1,34 @@
+"""Per-request context: trace id (W3C traceparent) and the authenticated tenant."""
+from __future__ import annotations
+
+import re
+import secrets
+
+from flask import g, request
+
+from dpp.bootstrap import deps
+from dpp.domain.errors import AuthenticationFailed
+from dpp.services import tenants
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def begin_request() -> None:
+    match = _TRACEPARENT.match(request.headers.get("traceparent", "").strip().lower())
+    trace_id = match.group(1) if match and match.group(1) != "0" * 32 else secrets.token_hex(16)
+    g.trace_id = trace_id
+
+
+def end_request(response):
+    response.headers["X-Trace-Id"] = g.get("trace_id", "")
+    return response
+
+
+def require_principal() -> None:
+    """Authenticate the request; the tenant is then `g.principal`."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("missing Bearer API key")
+    g.principal = tenants.authenticate(deps(), token.strip())
+    g.tenant_id = g.principal.tenant_id

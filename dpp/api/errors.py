@@ -1,0 +1,99 @@
+"""RFC 9457 problem details for every error, mapped in one place.
+
+Domain errors are types; this module alone turns them into HTTP. Anything
+unexpected becomes a 500 problem carrying only the trace id: no stack trace
+or SQL ever leaves the server (it goes to the log).
+"""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from dpp.domain import errors as e
+from dpp.domain.money import format_usd
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://docs.decisionproof.dev/problems/"
+
+
+def problem(status: int, slug: str, title: str, detail: str, headers: dict | None = None, **extra):
+    body = {
+        "type": TYPE_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.path,
+        "trace_id": getattr(g, "trace_id", None),
+        **extra,
+    }
+    response = jsonify(body)
+    response.status_code = status
+    response.mimetype = PROBLEM_JSON
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _domain(exc: e.DppError):
+    if isinstance(exc, e.InsufficientBudget):
+        return problem(
+            402, "insufficient-budget", "Insufficient budget",
+            "The tenant's available budget is below max_cost_usd.",
+            available_usd=format_usd(exc.available_micros), requested_usd=format_usd(exc.requested_micros),
+        )
+    if isinstance(exc, e.AuthenticationFailed):
+        return problem(401, "unauthorized", "Unauthorized", str(exc), headers={"WWW-Authenticate": 'Bearer realm="dpp"'})
+    if isinstance(exc, e.Forbidden):
+        return problem(403, "forbidden", "Forbidden", str(exc))
+    if isinstance(exc, e.RunNotFound):
+        return problem(404, "not-found", "Not Found", "No such run.")
+    if isinstance(exc, e.IdempotencyMismatch):
+        return problem(409, "idempotency-mismatch", "Idempotency-Key reused", str(exc))
+    if isinstance(exc, e.UnknownPackType):
+        return problem(422, "validation", "Validation failed", str(exc), errors={"pack_type": [str(exc)]})
+    if isinstance(exc, e.InvalidPackInputs):
+        return problem(422, "validation", "Validation failed", "The pack's inputs are invalid.", errors=exc.errors)
+    if isinstance(exc, e.PlanViolation):
+        return problem(
+            422, "plan-limit", "Not allowed by plan", exc.detail,
+            errors={exc.field: [exc.detail]} if exc.field else {},
+        )
+    if isinstance(exc, e.DependencyUnavailable):
+        log.warning("dependency unavailable", extra={"dependency": exc.dependency, "error": str(exc)})
+        return problem(
+            503, "unavailable", "Service Unavailable",
+            f"A dependency ({exc.dependency}) is unavailable; nothing was reserved. Retry later.",
+            headers={"Retry-After": "2"},
+        )
+    return _unexpected(exc)
+
+
+def _http(exc: HTTPException):
+    status = exc.code or 500
+    if status == 422:
+        messages = getattr(exc, "data", {}).get("messages", {}) if hasattr(exc, "data") else {}
+        # webargs nests by location ("json", "headers"); agents want field names.
+        fields = {}
+        for location_errors in messages.values():
+            if isinstance(location_errors, dict):
+                fields.update(location_errors)
+        return problem(422, "validation", "Validation failed", "The request body is invalid.", errors=fields)
+    slug = (exc.name or "error").lower().replace(" ", "-")
+    headers = {}
+    if status == 405 and getattr(exc, "valid_methods", None):
+        headers["Allow"] = ", ".join(exc.valid_methods)
+    return problem(status, slug, exc.name or "Error", exc.description or "", headers=headers)
+
+
+def _unexpected(exc: Exception):
+    log.exception("unhandled error", extra={"error": repr(exc)})
+    return problem(500, "internal", "Internal Server Error", "An unexpected error occurred; quote the trace_id.")
+
+
+def register(app: Flask) -> None:
+    app.register_error_handler(e.DppError, _domain)
+    app.register_error_handler(HTTPException, _http)
+    app.register_error_handler(Exception, _unexpected)

@@ -1,0 +1,19 @@
+"""Liveness and readiness probes."""
+from flask import Blueprint, jsonify
+
+from dpp import __version__
+from dpp.bootstrap import deps
+from dpp.services.health import readiness
+
+blp = Blueprint("health", __name__)
+
+
+@blp.get("/health")
+def health():
+    return jsonify(status="healthy", version=__version__)
+
+
+@blp.get("/readyz")
+def readyz():
+    ready, services = readiness(deps())
+    return jsonify(status="ready" if ready else "not_ready", services=services), 200 if ready else 503

@@ -1,0 +1,76 @@
+"""`/v1/runs`: parse, call a service, map the result. Nothing else."""
+from __future__ import annotations
+
+from flask import g, request, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint, abort
+
+from dpp.api import schemas
+from dpp.api.context import require_principal
+from dpp.bootstrap import deps
+from dpp.domain.errors import RunNotFound
+from dpp.services import runs_query
+from dpp.services.submit import Submission, submit_run
+
+blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Paid runs of packs")
+
+_KEY_CHARS = set(chr(c) for c in range(0x21, 0x7F))
+
+
+def _idempotency_key() -> str:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        abort(400, message="The Idempotency-Key header is required.")
+    if not (1 <= len(key) <= 255) or not set(key) <= _KEY_CHARS:
+        abort(400, message="Idempotency-Key must be 1-255 printable ASCII characters without spaces.")
+    return key
+
+
+@blp.before_request
+def _before():
+    # Order of refusals: who you are (401/403), then headers (400), then body (415/422).
+    require_principal()
+    if request.method == "POST":
+        g.idempotency_key = _idempotency_key()
+
+
+def _cost_headers(view: dict) -> dict:
+    headers = {
+        "X-DPP-Cost-Reserved": view["reserved_cost_usd"],
+        "X-DPP-Cost-Minimum-Fee": view["minimum_fee_usd"],
+    }
+    if view.get("actual_cost_usd") is not None:
+        headers["X-DPP-Cost-Actual"] = view["actual_cost_usd"]
+    return headers
+
+
+@blp.route("")
+class Runs(MethodView):
+    @blp.arguments(schemas.RunCreate)
+    @blp.response(201, schemas.RunCreated)
+    def post(self, body):
+        """Submit a run; reserves `max_cost_usd` until the run settles."""
+        sub = Submission(
+            pack_type=body["pack_type"],
+            inputs=request.get_json()["inputs"],
+            max_cost_micros=body["max_cost_usd"],
+            max_cost_text=request.get_json()["max_cost_usd"],
+        )
+        done = submit_run(deps(), g.principal, g.idempotency_key, sub, g.trace_id)
+        view = runs_query.view(deps(), done.run)
+        created = runs_query.created_body(done.run)
+        headers = {"Location": url_for("runs.Run", run_id=created["run_id"]), **_cost_headers(view)}
+        if done.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return created, 201, headers
+
+
+@blp.route("/<run_id>")
+class Run(MethodView):
+    @blp.response(200, schemas.RunView)
+    def get(self, run_id):
+        """A run's status, costs and, once COMPLETED, a presigned result URL."""
+        view = runs_query.get_run(deps(), g.principal.tenant_id, run_id)
+        if view is None:
+            raise RunNotFound(run_id)
+        return view, 200, _cost_headers(view)

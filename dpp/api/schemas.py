@@ -1,0 +1,66 @@
+"""Request and response schemas (marshmallow); OpenAPI is generated from them."""
+from __future__ import annotations
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+from dpp.domain.errors import InvalidMoney
+from dpp.domain.money import parse_usd
+
+
+class Money(fields.Field):
+    """A USD amount on the wire: a decimal string, parsed to int micros."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        try:
+            return parse_usd(value)
+        except InvalidMoney as exc:
+            raise ValidationError(str(exc)) from exc
+
+    def _jsonschema_type_mapping(self):
+        return {"type": "string", "pattern": r"^(0|[1-9][0-9]*)(\.[0-9]{1,6})?$", "example": "0.50"}
+
+
+class RunCreate(Schema):
+    class Meta:
+        unknown = RAISE
+
+    pack_type = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    inputs = fields.Dict(required=True)
+    max_cost_usd = Money(required=True, metadata={"type": "string", "example": "0.50"})
+
+
+class RunCreated(Schema):
+    run_id = fields.String()
+    status = fields.String()
+    pack_type = fields.String()
+    created_at = fields.String()
+    reserved_cost_usd = fields.String()
+
+
+class RunError(Schema):
+    code = fields.String()
+    message = fields.String()
+
+
+class RunView(Schema):
+    run_id = fields.String()
+    status = fields.String()
+    pack_type = fields.String()
+    progress = fields.Float()
+    reserved_cost_usd = fields.String()
+    actual_cost_usd = fields.String(allow_none=True)
+    minimum_fee_usd = fields.String()
+    created_at = fields.String()
+    started_at = fields.String(allow_none=True)
+    finished_at = fields.String(allow_none=True)
+    error = fields.Nested(RunError, allow_none=True)
+    result_url = fields.String(allow_none=True)
+    result_url_expires_at = fields.String(allow_none=True)
+    trace_id = fields.String()
+
+
+class BalanceView(Schema):
+    tenant_id = fields.String()
+    available_usd = fields.String()
+    held_usd = fields.String()
+    spent_usd = fields.String()

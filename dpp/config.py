@@ -1,0 +1,155 @@
+"""Settings, read only from the environment (SPEC §6).
+
+Every process (API, worker, beat, CLI, tests) builds one `Settings` from
+`os.environ`; nothing reads a config file. Defaults are the local development
+stack that `make run` starts, so a bare checkout talks to loopback services.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+# moto accepts any credentials; these are used only when the endpoint is loopback.
+STATIC_TEST_ACCESS_KEY = "testing"
+STATIC_TEST_SECRET_KEY = "testing"
+
+
+def _int(env: dict, name: str, default: int) -> int:
+    raw = env.get(name)
+    return default if raw in (None, "") else int(raw)
+
+
+def _bool(env: dict, name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_loopback_url(url: str | None) -> bool:
+    """True when the URL's host is a loopback address or `localhost`.
+
+    Parsed, never substring-matched: `http://127.0.0.1.evil.com` is not loopback.
+    """
+    if not url:
+        return False
+    host = urlsplit(url).hostname
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str = "development"
+    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/dpp"
+    database_url_migrations: str | None = None
+    db_pool: str = "queuepool"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    aws_region: str = "us-east-1"
+    sqs_endpoint_url: str | None = None
+    sqs_queue_name: str = "dpp-runs"
+    sqs_queue_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_result_bucket: str = "dpp-results"
+    cors_allowed_origins: tuple[str, ...] = ()
+    log_level: str = "INFO"
+    json_logs: bool = True
+    worker_lease_ttl_sec: int = 60
+    worker_heartbeat_interval_sec: int = 15
+    reaper_interval_sec: int = 30
+    reaper_scan_limit: int = 100
+    reconcile_interval_sec: int = 60
+    reconcile_threshold_min: int = 5
+    reconcile_scan_limit: int = 100
+    billing_preflight_required: bool = False
+    presign_ttl_sec: int = 900
+    extra_packs: tuple[str, ...] = field(default_factory=tuple)
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        origins = tuple(o.strip() for o in env.get("CORS_ALLOWED_ORIGINS", "").split(",") if o.strip())
+        packs = tuple(p.strip() for p in env.get("DPP_EXTRA_PACKS", "").split(",") if p.strip())
+        return cls(
+            env=env.get("DPP_ENV", cls.env),
+            database_url=env.get("DATABASE_URL", cls.database_url),
+            database_url_migrations=env.get("DATABASE_URL_MIGRATIONS") or None,
+            db_pool=env.get("DPP_DB_POOL", cls.db_pool),
+            redis_url=env.get("REDIS_URL", cls.redis_url),
+            aws_region=env.get("AWS_REGION", cls.aws_region),
+            sqs_endpoint_url=env.get("SQS_ENDPOINT_URL") or None,
+            sqs_queue_name=env.get("SQS_QUEUE_NAME", cls.sqs_queue_name),
+            sqs_queue_url=env.get("SQS_QUEUE_URL") or None,
+            s3_endpoint_url=env.get("S3_ENDPOINT_URL") or None,
+            s3_result_bucket=env.get("S3_RESULT_BUCKET", cls.s3_result_bucket),
+            cors_allowed_origins=origins,
+            log_level=env.get("LOG_LEVEL", cls.log_level),
+            json_logs=_bool(env, "DPP_JSON_LOGS", cls.json_logs),
+            worker_lease_ttl_sec=_int(env, "WORKER_LEASE_TTL_SEC", cls.worker_lease_ttl_sec),
+            worker_heartbeat_interval_sec=_int(
+                env, "WORKER_HEARTBEAT_INTERVAL_SEC", cls.worker_heartbeat_interval_sec
+            ),
+            reaper_interval_sec=_int(env, "REAPER_INTERVAL_SEC", cls.reaper_interval_sec),
+            reaper_scan_limit=_int(env, "REAPER_SCAN_LIMIT", cls.reaper_scan_limit),
+            reconcile_interval_sec=_int(env, "RECONCILE_INTERVAL_SEC", cls.reconcile_interval_sec),
+            reconcile_threshold_min=_int(env, "RECONCILE_THRESHOLD_MIN", cls.reconcile_threshold_min),
+            reconcile_scan_limit=_int(env, "RECONCILE_SCAN_LIMIT", cls.reconcile_scan_limit),
+            billing_preflight_required=_bool(env, "DPP_BILLING_PREFLIGHT_REQUIRED", False),
+            presign_ttl_sec=_int(env, "DPP_PRESIGN_TTL_SEC", cls.presign_ttl_sec),
+            extra_packs=packs,
+            aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+        )
+
+    @property
+    def migrations_url(self) -> str:
+        return self.database_url_migrations or self.database_url
+
+    def aws_credentials(self, endpoint_url: str | None) -> dict:
+        """boto3 credential kwargs for one endpoint.
+
+        Static test keys are handed out only to a loopback endpoint (moto); any
+        other endpoint gets the standard AWS credential chain (IAM role, env).
+        """
+        if is_loopback_url(endpoint_url) and not self.aws_access_key_id:
+            return {
+                "aws_access_key_id": STATIC_TEST_ACCESS_KEY,
+                "aws_secret_access_key": STATIC_TEST_SECRET_KEY,
+            }
+        return {}
+
+    def check_production(self) -> None:
+        """Refuse to run production against loopback endpoints or static keys."""
+        if self.env != "production":
+            return
+        for name, url in (("SQS_ENDPOINT_URL", self.sqs_endpoint_url), ("S3_ENDPOINT_URL", self.s3_endpoint_url)):
+            if is_loopback_url(url):
+                raise RuntimeError(f"DPP_ENV=production refuses loopback endpoint {name}={url}")
+        if self.aws_access_key_id in (STATIC_TEST_ACCESS_KEY,):
+            raise RuntimeError("DPP_ENV=production refuses static test AWS keys")
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = Settings.from_env()
+    return _settings
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests that change the environment)."""
+    global _settings
+    _settings = None

@@ -1,0 +1,72 @@
+"""Domain errors. Each maps to one RFC 9457 problem in `dpp.api.errors`."""
+from __future__ import annotations
+
+
+class DppError(Exception):
+    """Base of every error the product raises on purpose."""
+
+
+class InvalidMoney(DppError, ValueError):
+    """A money string that is not a plain decimal with at most 6 fractional digits."""
+
+
+class InvalidPackInputs(DppError):
+    """Pack inputs that fail validation; `errors` maps field paths to messages."""
+
+    def __init__(self, errors: dict[str, list[str]]):
+        super().__init__("invalid pack inputs")
+        self.errors = errors
+
+
+class UnknownPackType(DppError):
+    def __init__(self, pack_type: str):
+        super().__init__(f"unknown pack_type {pack_type!r}")
+        self.pack_type = pack_type
+
+
+class InsufficientBudget(DppError):
+    def __init__(self, available_micros: int, requested_micros: int):
+        super().__init__("insufficient budget")
+        self.available_micros = available_micros
+        self.requested_micros = requested_micros
+
+
+class IdempotencyMismatch(DppError):
+    """Same Idempotency-Key, different payload."""
+
+
+class RunNotFound(DppError):
+    pass
+
+
+class AuthenticationFailed(DppError):
+    pass
+
+
+class Forbidden(DppError):
+    pass
+
+
+class PlanViolation(DppError):
+    """The request is well formed but the tenant's plan does not allow it."""
+
+    def __init__(self, detail: str, field: str | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+
+
+class DependencyUnavailable(DppError):
+    """Redis, PostgreSQL or the queue did not answer; nothing was kept."""
+
+    def __init__(self, dependency: str, detail: str = ""):
+        super().__init__(f"{dependency} unavailable{': ' + detail if detail else ''}")
+        self.dependency = dependency
+
+
+class InvalidTransition(DppError):
+    """A run state change that the state machine forbids."""
+
+
+class LeaseLost(DppError):
+    """The worker no longer holds the run's lease; it must not finalize."""

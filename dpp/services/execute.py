@@ -1,0 +1,92 @@
+"""Execute one run on a worker (task `dpp.execute_run`, SPEC §3 "Worker").
+
+Delivery is at least once: every step first asks whether it is still this
+worker's to take, and a message that is not is acknowledged and dropped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from dpp.adapters.repository import RunRepository, snapshot, utcnow
+from dpp.domain import runs as machine
+from dpp.domain.errors import InvalidTransition, LeaseLost
+from dpp.domain.runs import ErrorCode
+from dpp.services import finalize
+
+log = logging.getLogger(__name__)
+
+PROGRESS_MIN_INTERVAL_SEC = 1.0
+
+
+def execute_run(deps, run_id: str) -> str:
+    """Run it if it is ours to run; return what happened, for the task's result and logs."""
+    token = _claim_lease(deps, run_id)
+    if not token.startswith("lease:"):
+        log.info("message dropped", extra={"run_id": run_id, "reason": token})
+        return token
+    lease_token = token.removeprefix("lease:")
+
+    with deps.db.transaction() as session:
+        row = RunRepository(session).get(run_id)
+        pack_type, inputs = row.pack_type, row.inputs
+    pack = deps.packs.get(pack_type)
+
+    try:
+        result = pack.run(inputs, _progress_writer(deps, run_id, lease_token))
+    except Exception as exc:  # the pack's failure is the run's, not the worker's
+        log.warning("pack failed", extra={"run_id": run_id, "error": repr(exc)}, exc_info=True)
+        try:
+            outcome = finalize.fail_started(deps, run_id, lease_token, ErrorCode.PACK_ERROR, f"{type(exc).__name__}: {exc}")
+        except LeaseLost as lost:
+            log.warning("lease lost before finalize", extra={"run_id": run_id, "error": str(lost)})
+            return "lease-lost"
+        return f"failed:{outcome.charge_micros}"
+
+    try:
+        outcome = finalize.complete(deps, run_id, lease_token, result)
+    except LeaseLost as lost:
+        # The lease expired or another worker took over: the sweeps end this run.
+        log.warning("lease lost before finalize", extra={"run_id": run_id, "error": str(lost)})
+        return "lease-lost"
+    return f"completed:{outcome.charge_micros}"
+
+
+def _claim_lease(deps, run_id: str) -> str:
+    with deps.db.transaction() as session:
+        repo = RunRepository(session)
+        row = repo.get(run_id)
+        if row is None:
+            return "unknown-run"
+        snap = snapshot(row)
+        now = utcnow(session)
+        if snap.status.terminal:
+            return "duplicate:terminal"
+        if machine.lease_live(snap, now):
+            return "duplicate:leased"
+        token = str(uuid.uuid4())
+        try:
+            changes = machine.claim_lease(snap, token=token, now=now, ttl_sec=deps.settings.worker_lease_ttl_sec)
+        except InvalidTransition as exc:
+            return f"not-claimable:{exc}"
+        if not repo.apply(snap, changes):
+            return "lost-claim-race"
+        return f"lease:{token}"
+
+
+def _progress_writer(deps, run_id: str, lease_token: str):
+    last = [0.0]
+
+    def progress(fraction: float) -> None:
+        now = time.monotonic()
+        if now - last[0] < PROGRESS_MIN_INTERVAL_SEC and fraction < 1.0:
+            return
+        last[0] = now
+        try:
+            with deps.db.transaction() as session:
+                RunRepository(session).set_progress(run_id, lease_token, max(0.0, min(1.0, float(fraction))))
+        except Exception:  # progress is advisory; never fail a run for it
+            log.debug("progress write failed", exc_info=True)
+
+    return progress

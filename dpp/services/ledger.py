@@ -1,0 +1,191 @@
+"""Every movement of money, and nothing else (SPEC §2).
+
+Two books are kept: the PostgreSQL ledger (the truth: immutable transfers plus
+a balance row updated in the same transaction) and the Redis gate (a mirror of
+*available* that lets submissions reserve without locking PostgreSQL).
+
+The order of writes is chosen so that a crash between any two of them leaves a
+state a sweep or `dpp budget rebuild` can resolve, and never money created:
+
+- top-up: ledger first, then Redis. A crash in between leaves Redis *lower*
+  than the ledger (an agent sees less than it has), which the audit reports.
+- reserve: Redis first (the atomic gate), then the ledger in the same
+  transaction as the run row. If that transaction fails the Redis hold is
+  released here; a crash in between leaves a Redis-only hold with no run.
+- settle: Redis first (idempotent, with a receipt), then the ledger CHARGE and
+  RELEASE in the caller's transaction. A crash in between is repaired by
+  running the same settle again: Redis replays its receipt, the ledger catches up.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from dpp.adapters import orm
+from dpp.adapters.budget import BudgetMissing
+from dpp.domain.errors import InsufficientBudget
+from dpp.domain.ledger import Account, Balances, Settlement, Transfer, TransferKind, settle, transfer
+
+log = logging.getLogger(__name__)
+
+_BALANCE_COLUMNS = {
+    Account.FUNDING: "funding_micros",
+    Account.AVAILABLE: "available_micros",
+    Account.HELD: "held_micros",
+    Account.SPENT: "spent_micros",
+}
+
+
+def post(session: Session, tenant_id: str, t: Transfer, memo: str | None = None) -> None:
+    """The one function that writes money to the ledger: a transfer and its balance effect.
+
+    The balance row's CHECKs (no negative available/held/spent, sum zero) make
+    an impossible transfer fail the whole transaction.
+    """
+    session.add(
+        orm.LedgerTransfer(
+            tenant_id=tenant_id,
+            run_id=uuid.UUID(t.run_id) if t.run_id else None,
+            kind=t.kind.value,
+            debit_account=t.debit.value,
+            credit_account=t.credit.value,
+            amount_micros=t.amount_micros,
+            memo=memo,
+        )
+    )
+    debit, credit = _BALANCE_COLUMNS[t.debit], _BALANCE_COLUMNS[t.credit]
+    table = orm.TenantBalance.__table__
+    session.execute(
+        update(table)
+        .where(table.c.tenant_id == tenant_id)
+        .values(
+            {
+                debit: table.c[debit] - t.amount_micros,
+                credit: table.c[credit] + t.amount_micros,
+                "updated_at": func.now(),
+            }
+        )
+    )
+    session.flush()
+
+
+def open_accounts(session: Session, tenant_id: str) -> None:
+    session.add(orm.TenantBalance(tenant_id=tenant_id))
+    session.flush()
+
+
+def balances(session: Session, tenant_id: str, *, for_update: bool = False) -> Balances:
+    stmt = select(orm.TenantBalance).where(orm.TenantBalance.tenant_id == tenant_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    row = session.execute(stmt).scalar_one()
+    return Balances(
+        funding=row.funding_micros,
+        available=row.available_micros,
+        held=row.held_micros,
+        spent=row.spent_micros,
+    )
+
+
+def balances_from_transfers(session: Session, tenant_id: str) -> Balances:
+    """Recompute the balances from the transfers alone (the audit's second opinion)."""
+    result = Balances()
+    rows = session.execute(
+        select(orm.LedgerTransfer.debit_account, orm.LedgerTransfer.credit_account, func.sum(orm.LedgerTransfer.amount_micros))
+        .where(orm.LedgerTransfer.tenant_id == tenant_id)
+        .group_by(orm.LedgerTransfer.debit_account, orm.LedgerTransfer.credit_account)
+    )
+    for debit, credit, amount in rows:
+        result = result.apply(
+            Transfer(TransferKind.ADJUST, Account(debit), Account(credit), int(amount))
+        )
+    return result
+
+
+# --- top-up ---------------------------------------------------------------
+
+
+def topup(deps, tenant_id: str, amount_micros: int, memo: str | None = None) -> Balances:
+    if amount_micros <= 0:
+        raise ValueError("a top-up is a positive amount")
+    with deps.db.transaction() as session:
+        balances(session, tenant_id, for_update=True)  # serialise top-ups per tenant
+        post(session, tenant_id, transfer(TransferKind.TOPUP, amount_micros), memo=memo)
+        after = balances(session, tenant_id)
+    deps.budget.credit(tenant_id, amount_micros, after.available)
+    return after
+
+
+# --- reserve --------------------------------------------------------------
+
+
+def hold(deps, tenant_id: str, run_id: str, amount_micros: int) -> None:
+    """Reserve in Redis (the gate). Raises InsufficientBudget or DependencyUnavailable."""
+    try:
+        outcome = deps.budget.reserve(tenant_id, run_id, amount_micros)
+    except BudgetMissing:
+        # Redis lost this tenant (restart without data, new node): the ledger knows.
+        rebuild(deps, tenant_id)
+        outcome = deps.budget.reserve(tenant_id, run_id, amount_micros)
+    if not outcome.ok:
+        raise InsufficientBudget(outcome.balance_micros, amount_micros)
+
+
+def record_reservation(session: Session, tenant_id: str, run_id: str, amount_micros: int) -> None:
+    """The ledger side of a hold, in the same transaction as the run row."""
+    post(session, tenant_id, transfer(TransferKind.RESERVE, amount_micros, run_id))
+
+
+def unhold(deps, tenant_id: str, run_id: str) -> int:
+    """Give back a Redis hold that never became a recorded run."""
+    return deps.budget.release(tenant_id, run_id)
+
+
+# --- settle ---------------------------------------------------------------
+
+
+def settle_in_redis(deps, tenant_id: str, run_id: str, reserved_micros: int, charge_wanted_micros: int) -> Settlement:
+    """Step 1 of a settlement. Idempotent: a repeat returns the first receipt."""
+    receipt = deps.budget.settle(tenant_id, run_id, settle(reserved_micros, charge_wanted_micros).charge_micros)
+    if receipt.reservation_missing:
+        # Redis no longer has the hold (wiped, or rebuilt before this run was
+        # held). The ledger is the truth; the audit will show and rebuild will
+        # close any drift this leaves in the mirror.
+        log.warning(
+            "settle found no reservation in redis",
+            extra={"tenant_id": tenant_id, "run_id": run_id},
+        )
+        return settle(reserved_micros, charge_wanted_micros)
+    return Settlement(reserved_micros, receipt.charge_micros)
+
+
+def record_settlement(session: Session, tenant_id: str, run_id: str, settlement: Settlement) -> None:
+    """Step 2: CHARGE and RELEASE in the caller's transaction (with the run's COMMIT)."""
+    charge, release = settlement.transfers(run_id)
+    post(session, tenant_id, charge)
+    post(session, tenant_id, release)
+
+
+# --- rebuild --------------------------------------------------------------
+
+
+def rebuild(deps, tenant_id: str) -> Balances:
+    """Set the tenant's Redis mirror from the ledger: available, and the live holds.
+
+    Run it when no submission for the tenant is between its Redis hold and its
+    ledger record (a hold made in that instant would be forgotten).
+    """
+    with deps.db.transaction() as session:
+        books = balances(session, tenant_id)
+        holds = dict(
+            session.execute(
+                select(orm.Run.id, orm.Run.reserved_micros).where(
+                    orm.Run.tenant_id == tenant_id, orm.Run.money_state == "RESERVED"
+                )
+            ).all()
+        )
+    deps.budget.restore(tenant_id, books.available, {str(k): int(v) for k, v in holds.items()})
+    return books

@@ -1,0 +1,125 @@
+"""Submit a run: validate, reserve, record, enqueue (SPEC §3 "Submission").
+
+Safe against a crash between any two steps:
+  hold (Redis) -> run row + RESERVE (one PostgreSQL transaction) -> enqueue.
+- The row insert fails: the hold is released here, nothing was recorded.
+- The enqueue fails: the run is settled at 0 (never started) before we answer
+  503, and its idempotency key is given back so the agent's retry can succeed.
+- A crash after the insert and before the enqueue leaves a QUEUED run with a
+  RESERVE that `dpp.sweep_stale_queued` fails and releases.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from dpp.adapters import orm
+from dpp.adapters.repository import RunRepository
+from dpp.domain.canonical import sha256_hex
+from dpp.domain.errors import DependencyUnavailable, Forbidden, IdempotencyMismatch, PlanViolation
+from dpp.domain.money import format_usd
+from dpp.domain.runs import ErrorCode, RunStatus
+from dpp.services import finalize, ledger
+from dpp.services.tenants import Principal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Submission:
+    pack_type: str
+    inputs: Any
+    max_cost_micros: int
+    max_cost_text: str
+
+
+@dataclass(frozen=True)
+class Submitted:
+    run: orm.Run
+    replayed: bool
+
+
+def payload_hash(sub: Submission) -> str:
+    return sha256_hex({"pack_type": sub.pack_type, "inputs": sub.inputs, "max_cost_usd": format_usd(sub.max_cost_micros)})
+
+
+def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission, trace_id: str) -> Submitted:
+    digest = payload_hash(sub)
+    earlier = _earlier(deps, principal.tenant_id, idempotency_key, digest)
+    if earlier is not None:
+        return Submitted(earlier, replayed=True)
+
+    pack = deps.packs.get(sub.pack_type)
+    if sub.pack_type not in principal.allowed_pack_types:
+        raise Forbidden(f"pack_type {sub.pack_type!r} is not in plan {principal.plan_id!r}")
+    inputs = pack.validate(sub.inputs)
+    if sub.max_cost_micros > principal.max_cost_per_run_micros:
+        raise PlanViolation(
+            f"max_cost_usd exceeds plan {principal.plan_id!r} limit of "
+            f"{format_usd(principal.max_cost_per_run_micros)}",
+            field="max_cost_usd",
+        )
+    price = pack.min_price_micros(inputs)
+    if sub.max_cost_micros < price:
+        raise PlanViolation(
+            f"max_cost_usd {format_usd(sub.max_cost_micros)} is below this run's price {format_usd(price)}",
+            field="max_cost_usd",
+        )
+
+    run_id = str(uuid.uuid4())
+    ledger.hold(deps, principal.tenant_id, run_id, sub.max_cost_micros)
+    try:
+        with deps.db.transaction() as session:
+            RunRepository(session).add(
+                orm.Run(
+                    id=uuid.UUID(run_id),
+                    tenant_id=principal.tenant_id,
+                    pack_type=pack.pack_type,
+                    pack_version=pack.version,
+                    inputs=inputs,
+                    idempotency_key=idempotency_key,
+                    payload_hash=digest,
+                    status=RunStatus.QUEUED.value,
+                    reserved_micros=sub.max_cost_micros,
+                    minimum_fee_micros=principal.minimum_fee_micros,
+                    trace_id=trace_id,
+                )
+            )
+            ledger.record_reservation(session, principal.tenant_id, run_id, sub.max_cost_micros)
+    except IntegrityError as exc:
+        ledger.unhold(deps, principal.tenant_id, run_id)
+        if "uq_runs_tenant_idempotency" not in str(exc.orig):
+            raise
+        # A concurrent request with the same key won the insert: answer as it did.
+        earlier = _earlier(deps, principal.tenant_id, idempotency_key, digest)
+        if earlier is None:
+            raise DependencyUnavailable("database", "idempotency race") from exc
+        return Submitted(earlier, replayed=True)
+    except BaseException as exc:
+        ledger.unhold(deps, principal.tenant_id, run_id)
+        if isinstance(exc, Exception) and not isinstance(exc, DependencyUnavailable):
+            raise DependencyUnavailable("database", type(exc).__name__) from exc
+        raise
+
+    try:
+        deps.queue.enqueue_run(run_id, trace_id)
+    except DependencyUnavailable:
+        ended = finalize.fail_unstarted(deps, run_id, ErrorCode.ENQUEUE_FAILED, "the run could not be enqueued")
+        if ended is not None:
+            raise
+        # The publish did reach the queue (only its answer was lost) and a
+        # worker has claimed the run: it is live, so answer as a success.
+    with deps.db.transaction() as session:
+        return Submitted(RunRepository(session).get(run_id), replayed=False)
+
+
+def _earlier(deps, tenant_id: str, key: str, digest: str) -> orm.Run | None:
+    with deps.db.transaction() as session:
+        run = RunRepository(session).by_idempotency_key(tenant_id, key)
+    if run is not None and run.payload_hash != digest:
+        raise IdempotencyMismatch("Idempotency-Key was used with a different payload")
+    return run

@@ -1,0 +1,1 @@
+"""Celery entrypoints: thin wrappers over `dpp.services`."""

@@ -1,0 +1,111 @@
+"""Shared fixtures. Integration and e2e tests need the services `make test` starts.
+
+`make test` (scripts/devstack.py test) exports DATABASE_URL, REDIS_URL,
+SQS_*/S3_* for a scratch database `dpp_test`, Redis DB 15, and test queue and
+bucket; DPP_TEST=1 marks that environment. Unit tests need none of it.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = str(item.fspath)
+        if f"{os.sep}integration{os.sep}" in path:
+            item.add_marker(pytest.mark.integration)
+        if f"{os.sep}e2e{os.sep}" in path:
+            item.add_marker(pytest.mark.e2e)
+
+
+def _require_services():
+    if os.environ.get("DPP_TEST") != "1":
+        pytest.fail(
+            "integration/e2e tests need the services: run them through `make test` "
+            "(or `make unit` for the unit tests alone)",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def settings():
+    _require_services()
+    from dpp.config import Settings, reset_settings
+
+    reset_settings()
+    return Settings.from_env()
+
+
+@pytest.fixture(scope="session")
+def deps(settings):
+    from dpp.bootstrap import Deps
+
+    return Deps(settings)
+
+
+@pytest.fixture(scope="session")
+def seeded(deps):
+    from dpp.services.tenants import seed_plans
+
+    for pack in ("tests.support.packs:BoomPack", "tests.support.packs:SlowPack"):
+        module, _, attr = pack.partition(":")
+        deps.packs.register(getattr(__import__(module, fromlist=[attr]), attr)())
+    seed_plans(deps, extra_pack_types=("boom", "slow"))
+    return deps
+
+
+@pytest.fixture
+def clean(seeded, settings):
+    """An empty ledger, an empty Redis DB and an empty queue for each test."""
+    from sqlalchemy import text
+
+    from dpp.adapters.aws import client
+
+    with seeded.db.transaction() as session:
+        session.execute(
+            text("TRUNCATE ledger_transfers, usage_daily, runs, api_keys, tenant_balances, tenants CASCADE")
+        )
+    seeded.budget.client.flushdb()
+    if settings.sqs_queue_url:
+        drain_queue(client(settings, "sqs", settings.sqs_endpoint_url), settings.sqs_queue_url)
+    yield seeded
+
+
+def drain_queue(sqs, queue_url: str) -> int:
+    """Delete every visible message. (PurgeQueue is allowed once a minute per queue.)"""
+    drained = 0
+    while True:
+        messages = sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0, VisibilityTimeout=0
+        ).get("Messages", [])
+        if not messages:
+            return drained
+        sqs.delete_message_batch(
+            QueueUrl=queue_url,
+            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)],
+        )
+        drained += len(messages)
+
+
+@pytest.fixture
+def tenant(clean):
+    """A tenant on the pro plan with $10.00 and a fresh key: (tenant_id, api_key)."""
+    from dpp.services import ledger, tenants
+
+    tenant_id = f"t-{uuid.uuid4().hex[:8]}"
+    tenants.create_tenant(clean, tenant_id, "pro")
+    key = tenants.issue_key(clean, tenant_id)
+    ledger.topup(clean, tenant_id, 10_000_000)
+    return tenant_id, key
+
+
+def assert_invariants(deps, tenant_ids=None, check_redis=True):
+    """SPEC §2 invariants 1-3; every integration test ends with this."""
+    from dpp.services.audit import audit
+
+    report = audit(deps, tenant_ids, check_redis=check_redis)
+    assert report.ok, "money invariants violated:\n" + "\n".join(report.violations)
+    return report

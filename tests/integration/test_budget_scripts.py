@@ -1,0 +1,91 @@
+"""The Lua scripts' contract, on the real Redis (SPEC §2)."""
+import pytest
+
+from dpp.adapters.budget import AlreadySettled, BudgetMissing, balance_key, receipt_key, reserve_key
+
+
+@pytest.fixture
+def budget(clean):
+    b = clean.budget
+    b.credit("acme", 1_000, 1_000)
+    return b
+
+
+def test_every_key_of_a_script_shares_the_tenant_hash_tag():
+    for key in (balance_key("acme"), reserve_key("acme", "r1"), receipt_key("acme", "r1")):
+        assert "{acme}" in key
+        assert key.index("{") == key.index("{acme}")  # the first braces are the tag
+
+
+def test_reserve_moves_available_into_a_hold(budget):
+    out = budget.reserve("acme", "r1", 300)
+    assert out.ok and out.balance_micros == 700
+    assert budget.available("acme") == 700 and budget.reservation("acme", "r1") == 300
+
+
+def test_reserve_fails_atomically_when_available_is_short(budget):
+    out = budget.reserve("acme", "r1", 1_001)
+    assert not out.ok and out.balance_micros == 1_000
+    assert budget.available("acme") == 1_000 and budget.reservation("acme", "r1") is None
+
+
+def test_reserving_the_same_run_twice_holds_once(budget):
+    budget.reserve("acme", "r1", 300)
+    again = budget.reserve("acme", "r1", 300)
+    assert again.ok and budget.available("acme") == 700
+
+
+def test_settle_charges_part_and_releases_the_rest_once(budget):
+    budget.reserve("acme", "r1", 300)
+    first = budget.settle("acme", "r1", 120)
+    assert (first.charge_micros, first.release_micros, first.replayed) == (120, 180, False)
+    assert budget.available("acme") == 880
+    second = budget.settle("acme", "r1", 999)
+    assert (second.charge_micros, second.release_micros, second.replayed) == (120, 180, True)
+    assert second.settled_at_ms == first.settled_at_ms
+    assert budget.available("acme") == 880
+
+
+def test_settle_caps_the_charge_at_the_hold(budget):
+    budget.reserve("acme", "r1", 300)
+    assert budget.settle("acme", "r1", 10_000).charge_micros == 300
+    assert budget.available("acme") == 700
+
+
+def test_a_settled_run_cannot_reserve_again(budget):
+    budget.reserve("acme", "r1", 300)
+    budget.settle("acme", "r1", 0)
+    with pytest.raises(AlreadySettled):
+        budget.reserve("acme", "r1", 300)
+    assert budget.available("acme") == 1_000
+
+
+def test_settle_without_a_hold_says_so_and_moves_nothing(budget):
+    receipt = budget.settle("acme", "ghost", 50)
+    assert receipt.reservation_missing and budget.available("acme") == 1_000
+
+
+def test_release_gives_a_whole_hold_back_once(budget):
+    budget.reserve("acme", "r1", 300)
+    assert budget.release("acme", "r1") == 300
+    assert budget.release("acme", "r1") == 0
+    assert budget.available("acme") == 1_000
+
+
+def test_reserve_reports_a_missing_budget_instead_of_inventing_one(clean):
+    with pytest.raises(BudgetMissing):
+        clean.budget.reserve("nobody", "r1", 1)
+    assert clean.budget.available("nobody") is None
+
+
+def test_credit_increments_or_sets_from_the_ledger(clean):
+    b = clean.budget
+    assert b.credit("acme", 500, 500) == 500
+    assert b.credit("acme", 200, 700) == 700
+    b.client.delete(balance_key("acme"))
+    assert b.credit("acme", 100, 800) == 800
+
+
+def test_scripts_reload_after_a_script_flush(budget):
+    budget.client.script_flush()
+    assert budget.reserve("acme", "r1", 1).ok
