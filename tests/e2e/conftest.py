@@ -1,0 +1,42 @@
+"""Real processes: gunicorn serving the API and a `celery worker` on the SQS broker."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import devstack  # noqa: E402  (scripts/devstack.py: process helpers shared with `make run`)
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def platform(settings, tmp_path_factory):
+    """API base URL, with one worker consuming the test queue. Stopped by PID at the end."""
+    logs = tmp_path_factory.mktemp("e2e-logs")
+    port = devstack.free_port()
+    env = {
+        **os.environ,
+        "DPP_EXTRA_PACKS": "tests.support.packs:BoomPack,tests.support.packs:SlowPack",
+        "PYTHONPATH": str(ROOT),
+    }
+    api = devstack.start_process(
+        [str(BIN / "gunicorn"), "-b", f"127.0.0.1:{port}", "-w", "2", "dpp.api:create_app()"],
+        env=env, log_path=logs / "api.log",
+    )
+    worker = devstack.start_process(
+        [str(BIN / "celery"), "-A", "dpp", "worker", "-l", "INFO", "-c", "1", "-n", f"e2e-{port}@%h",
+         "--without-gossip", "--without-mingle"],
+        env=env, log_path=logs / "worker.log",
+    )
+    try:
+        devstack.wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+        yield {"url": f"http://127.0.0.1:{port}", "logs": logs, "env": env}
+    finally:
+        devstack.stop_process(worker)
+        devstack.stop_process(api)
