@@ -7,7 +7,7 @@ timeout, and the lease decides whether it may run again.
 """
 from urllib.parse import urlsplit
 
-from dpp.config import get_settings, is_loopback_url
+from dpp.config import get_settings
 
 _s = get_settings()
 
@@ -25,7 +25,7 @@ def _broker_url() -> str:
 broker_url = _broker_url()
 broker_transport_options = {
     "region": _s.aws_region,
-    "is_secure": not is_loopback_url(_s.sqs_endpoint_url) if _s.sqs_endpoint_url else True,
+    "is_secure": urlsplit(_s.sqs_endpoint_url).scheme != "http" if _s.sqs_endpoint_url else True,
     # Longer than the lease: a live worker's message must not reappear while it
     # still holds the lease (the heartbeat extends both).
     "visibility_timeout": max(2 * _s.worker_lease_ttl_sec, 30),

@@ -12,7 +12,12 @@ import uuid
 import pytest
 
 
+_SPEED = {"unit": 0, "integration": 1, "e2e": 2}
+
+
 def pytest_collection_modifyitems(config, items):
+    # Fast to slow: unit, then integration, then e2e (which starts processes).
+    items.sort(key=lambda item: next((v for k, v in _SPEED.items() if f"{os.sep}{k}{os.sep}" in str(item.fspath)), 3))
     for item in items:
         path = str(item.fspath)
         if f"{os.sep}integration{os.sep}" in path:

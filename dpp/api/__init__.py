@@ -5,7 +5,7 @@ from flask import Flask
 from flask_smorest import Api
 
 from dpp import __version__
-from dpp.api import balance, context, errors, health, runs
+from dpp.api import account, context, errors, health, runs
 from dpp.config import get_settings
 from dpp.logs import configure_logging
 
@@ -29,7 +29,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.config.update(overrides or {})
     api = Api(app)
     api.register_blueprint(runs.blp)
-    api.register_blueprint(balance.blp)
+    api.register_blueprint(account.blp)
     app.register_blueprint(health.blp)
     app.before_request(context.begin_request)
     app.after_request(context.end_request)

@@ -50,6 +50,17 @@ def _domain(exc: e.DppError):
         return problem(403, "forbidden", "Forbidden", str(exc))
     if isinstance(exc, e.RunNotFound):
         return problem(404, "not-found", "Not Found", "No such run.")
+    if isinstance(exc, e.BadCursor):
+        return problem(400, "bad-cursor", "Bad Request", str(exc), errors={"cursor": [str(exc)]})
+    if isinstance(exc, e.ResultGone):
+        return problem(410, "result-gone", "Gone", "The result is past the plan's retention and was deleted.")
+    if isinstance(exc, e.ResultNotReady):
+        return problem(409, "result-not-ready", "Result not available", "The run has no stored result: it is not COMPLETED.")
+    if isinstance(exc, e.RateLimited):
+        return problem(
+            429, "rate-limited", "Too Many Requests", exc.detail,
+            headers={"Retry-After": str(exc.retry_after_sec), **exc.headers},
+        )
     if isinstance(exc, e.IdempotencyMismatch):
         return problem(409, "idempotency-mismatch", "Idempotency-Key reused", str(exc))
     if isinstance(exc, e.UnknownPackType):
@@ -82,10 +93,11 @@ def _http(exc: HTTPException):
                 fields.update(location_errors)
         return problem(422, "validation", "Validation failed", "The request body is invalid.", errors=fields)
     slug = (exc.name or "error").lower().replace(" ", "-")
+    detail = (getattr(exc, "data", None) or {}).get("message") or exc.description or ""
     headers = {}
     if status == 405 and getattr(exc, "valid_methods", None):
         headers["Allow"] = ", ".join(exc.valid_methods)
-    return problem(status, slug, exc.name or "Error", exc.description or "", headers=headers)
+    return problem(status, slug, exc.name or "Error", detail, headers=headers)
 
 
 def _unexpected(exc: Exception):

@@ -1,7 +1,7 @@
 """`/v1/runs`: parse, call a service, map the result. Nothing else."""
 from __future__ import annotations
 
-from flask import g, request, url_for
+from flask import Response, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 
@@ -46,6 +46,15 @@ def _cost_headers(view: dict) -> dict:
 
 @blp.route("")
 class Runs(MethodView):
+    @blp.arguments(schemas.RunListArgs, location="query")
+    @blp.response(200, schemas.RunPage)
+    def get(self, args):
+        """The tenant's runs, newest first; `next_cursor` fetches the next page."""
+        page = runs_query.list_runs(
+            deps(), g.principal.tenant_id, status=args.get("status"), limit=args["limit"], cursor=args.get("cursor")
+        )
+        return {"items": page.items, "next_cursor": page.next_cursor}
+
     @blp.arguments(schemas.RunCreate)
     @blp.response(201, schemas.RunCreated)
     def post(self, body):
@@ -74,3 +83,12 @@ class Run(MethodView):
         if view is None:
             raise RunNotFound(run_id)
         return view, 200, _cost_headers(view)
+
+
+@blp.route("/<run_id>/result")
+class RunResult(MethodView):
+    @blp.response(200, content_type="application/json")
+    def get(self, run_id):
+        """The stored `pack_envelope.json` of a COMPLETED run, byte for byte."""
+        body = runs_query.result(deps(), g.principal.tenant_id, run_id)
+        return Response(body, status=200, mimetype="application/json")

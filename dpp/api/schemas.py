@@ -56,7 +56,68 @@ class RunView(Schema):
     error = fields.Nested(RunError, allow_none=True)
     result_url = fields.String(allow_none=True)
     result_url_expires_at = fields.String(allow_none=True)
+    result_expires_at = fields.String(allow_none=True, metadata={"description": "End of the plan's retention"})
     trace_id = fields.String()
+
+
+class RunListArgs(Schema):
+    class Meta:
+        unknown = RAISE
+
+    status = fields.String(validate=validate.OneOf(["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]))
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = fields.String(validate=validate.Length(min=1, max=512))
+
+
+class RunPage(Schema):
+    items = fields.List(fields.Nested(RunView))
+    next_cursor = fields.String(allow_none=True)
+
+
+class UsageArgs(Schema):
+    class Meta:
+        unknown = RAISE
+
+    start_date = fields.Date(required=True, format="%Y-%m-%d")
+    end_date = fields.Date(required=True, format="%Y-%m-%d")
+
+
+class UsageDay(Schema):
+    date = fields.String()
+    runs_completed = fields.Integer()
+    runs_failed = fields.Integer()
+    charged_usd = fields.String()
+    released_usd = fields.String()
+
+
+class UsageView(Schema):
+    start_date = fields.String()
+    end_date = fields.String()
+    days = fields.List(fields.Nested(UsageDay))
+
+
+class LedgerArgs(Schema):
+    class Meta:
+        unknown = RAISE
+
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=100))
+    cursor = fields.String(validate=validate.Length(min=1, max=512))
+
+
+class TransferView(Schema):
+    transfer_id = fields.String()
+    kind = fields.String()
+    debit_account = fields.String()
+    credit_account = fields.String()
+    amount_usd = fields.String()
+    run_id = fields.String(allow_none=True)
+    memo = fields.String(allow_none=True)
+    created_at = fields.String()
+
+
+class LedgerPage(Schema):
+    items = fields.List(fields.Nested(TransferView))
+    next_cursor = fields.String(allow_none=True)
 
 
 class BalanceView(Schema):

@@ -70,3 +70,23 @@ class InvalidTransition(DppError):
 
 class LeaseLost(DppError):
     """The worker no longer holds the run's lease; it must not finalize."""
+
+
+class BadCursor(DppError):
+    """A pagination cursor this server did not hand out (or one for another listing)."""
+
+
+class ResultGone(DppError):
+    """The result existed but is past the plan's retention (its owner gets 410)."""
+
+
+class ResultNotReady(DppError):
+    """The run has no stored result (not COMPLETED yet, or it FAILED)."""
+
+
+class RateLimited(DppError):
+    def __init__(self, detail: str, retry_after_sec: int, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after_sec = retry_after_sec
+        self.headers = headers or {}

@@ -15,9 +15,13 @@ import devstack  # noqa: E402  (scripts/devstack.py: process helpers shared with
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def platform(settings, tmp_path_factory):
-    """API base URL, with one worker consuming the test queue. Stopped by PID at the end."""
+    """API base URL, with one worker consuming the test queue; stopped by PID after the e2e tests.
+
+    Package scope: once the e2e tests are done no worker may consume the queue,
+    or it would race the integration tests that drive the worker in-process.
+    """
     logs = tmp_path_factory.mktemp("e2e-logs")
     port = devstack.free_port()
     env = {

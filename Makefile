@@ -1,0 +1,46 @@
+# Developer entry points. The orchestration lives in scripts/devstack.py; this
+# file only makes sure the virtualenv exists and is current.
+#
+#   make run    whole local platform (API, worker, beat, Flower) + a demo tenant
+#   make test   every test against real PostgreSQL, Redis and moto
+#   make unit   unit tests only, no services
+#   make clean  stop private services started by devstack, drop local state
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv run test unit services stop clean
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall whenever the dependency list changes (setup.cfg newer than the stamp).
+$(STAMP): setup.cfg $(wildcard pyproject.toml setup.py) | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+run: venv
+	$(PY) scripts/devstack.py run
+
+test: venv
+	$(PY) scripts/devstack.py test $(PYTEST_ARGS)
+
+unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+services: venv
+	$(PY) scripts/devstack.py services
+
+stop:
+	$(PYTHON) scripts/devstack.py stop
+
+# devstack.py stop is stdlib-only, so it works even without the venv.
+clean:
+	-$(PYTHON) scripts/devstack.py stop
+	rm -rf .local build
