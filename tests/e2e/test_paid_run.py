@@ -9,14 +9,9 @@ from pathlib import Path
 import requests
 
 from tests.conftest import assert_invariants
+from tests.support.inputs import DECISION
+from tests.support.inputs import DECISION_COST_MICROS as COST_MICROS
 
-DECISION = {
-    "question": "Which database?",
-    "options": ["Postgres", "MySQL"],
-    "criteria": [{"name": "cost", "weight": 1, "direction": "min"}, {"name": "features", "weight": 2}],
-    "scores": {"Postgres": {"cost": 1, "features": 9}, "MySQL": {"cost": 1, "features": 7}},
-}
-COST_MICROS = 5_000 + 200 * 2 * 2
 
 
 def wait_terminal(url: str, headers: dict, timeout: float = 60) -> dict:

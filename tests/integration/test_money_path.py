@@ -18,14 +18,9 @@ from dpp.domain.errors import DependencyUnavailable, IdempotencyMismatch, Insuff
 from dpp.services import execute, ledger, tenants
 from dpp.services.submit import Submission, submit_run
 from tests.conftest import assert_invariants
+from tests.support.inputs import DECISION
+from tests.support.inputs import DECISION_COST_MICROS as DECISION_COST
 
-DECISION = {
-    "question": "Which database?",
-    "options": ["Postgres", "MySQL"],
-    "criteria": [{"name": "cost", "weight": 1, "direction": "min"}, {"name": "features", "weight": 2}],
-    "scores": {"Postgres": {"cost": 1, "features": 9}, "MySQL": {"cost": 1, "features": 7}},
-}
-DECISION_COST = 5_000 + 200 * 2 * 2
 
 
 def sub(inputs=None, pack_type="decision", max_cost=500_000):
