@@ -30,6 +30,12 @@ class Deps:
         return RedisBudget.from_url(self.settings.redis_url)
 
     @cached_property
+    def rate_limiter(self):
+        from dpp.adapters.ratelimit import RedisRateLimiter
+
+        return RedisRateLimiter(self.budget.client)
+
+    @cached_property
     def results(self):
         from dpp.adapters.results import S3Results
 

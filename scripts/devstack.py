@@ -60,10 +60,12 @@ DEFAULT_BUCKET = "dpp-results"
 DEFAULT_FLOWER_BASIC_AUTH = "admin:dpp-dev"
 
 # `make test` names: never the development database, Redis DB, queue or bucket.
-TEST_DATABASE = "dpp_test"
-TEST_REDIS_DB = 15
-TEST_QUEUE_NAME = "dpp-test-runs"
-TEST_BUCKET = "dpp-test-results"
+# Overridable so that two test runs on one machine (two checkouts, or CI beside
+# a developer) do not drop each other's database or drain each other's queue.
+TEST_DATABASE = os.environ.get("DPP_TEST_DATABASE", "dpp_test")
+TEST_REDIS_DB = int(os.environ.get("DPP_TEST_REDIS_DB", "15"))
+TEST_QUEUE_NAME = os.environ.get("DPP_TEST_QUEUE", "dpp-test-runs")
+TEST_BUCKET = os.environ.get("DPP_TEST_BUCKET", "dpp-test-results")
 
 # SQS: the visibility timeout matches celeryconfig (2 × the default lease); a message
 # received this many times without being acknowledged moves to the dead-letter queue.

@@ -95,16 +95,33 @@ def drain_queue(sqs, queue_url: str) -> int:
         drained += len(messages)
 
 
-@pytest.fixture
-def tenant(clean):
-    """A tenant on the pro plan with $10.00 and a fresh key: (tenant_id, api_key)."""
+def make_tenant(deps, plan: str = "pro", topup_micros: int = 10_000_000) -> tuple[str, str]:
+    """A tenant with a fresh key and a top-up: (tenant_id, api_key)."""
     from dpp.services import ledger, tenants
 
     tenant_id = f"t-{uuid.uuid4().hex[:8]}"
-    tenants.create_tenant(clean, tenant_id, "pro")
-    key = tenants.issue_key(clean, tenant_id)
-    ledger.topup(clean, tenant_id, 10_000_000)
+    tenants.create_tenant(deps, tenant_id, plan)
+    key = tenants.issue_key(deps, tenant_id)
+    if topup_micros:
+        ledger.topup(deps, tenant_id, topup_micros)
     return tenant_id, key
+
+
+def make_plan(deps, plan_id: str, **overrides) -> str:
+    """A test plan: the pro plan's values with `overrides` (test-only plans)."""
+    from dpp.adapters.repository import TenantRepository
+    from dpp.services.tenants import PLANS
+
+    values = {**PLANS["pro"], "allowed_pack_types": ["decision", "boom", "slow"], **overrides}
+    with deps.db.transaction() as session:
+        TenantRepository(session).upsert_plan(id=plan_id, **values)
+    return plan_id
+
+
+@pytest.fixture
+def tenant(clean):
+    """A tenant on the pro plan with $10.00 and a fresh key: (tenant_id, api_key)."""
+    return make_tenant(clean)
 
 
 def assert_invariants(deps, tenant_ids=None, check_redis=True):

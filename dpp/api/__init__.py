@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from flask import Flask
+from flask_cors import CORS
 from flask_smorest import Api
 
 from dpp import __version__
@@ -34,4 +35,18 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.before_request(context.begin_request)
     app.after_request(context.end_request)
     errors.register(app)  # after Api(): our problem+json replaces its error handler
+    if settings.cors_allowed_origins:
+        # An explicit allowlist. Keys travel in the Authorization header, never
+        # in cookies, so credentials are never allowed (and so never with "*").
+        CORS(
+            app,
+            resources={r"/v1/*": {"origins": list(settings.cors_allowed_origins)}},
+            supports_credentials=False,
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "traceparent"],
+            expose_headers=[
+                "Location", "Retry-After", "Idempotent-Replayed", "X-Trace-Id", "RateLimit", "RateLimit-Policy",
+                "X-DPP-Cost-Reserved", "X-DPP-Cost-Actual", "X-DPP-Cost-Minimum-Fee",
+            ],
+            max_age=600,
+        )
     return app

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 
 from flask import g, request
 
+from dpp import metrics
 from dpp.bootstrap import deps
 from dpp.domain.errors import AuthenticationFailed
 from dpp.services import tenants
@@ -17,10 +19,16 @@ def begin_request() -> None:
     match = _TRACEPARENT.match(request.headers.get("traceparent", "").strip().lower())
     trace_id = match.group(1) if match and match.group(1) != "0" * 32 else secrets.token_hex(16)
     g.trace_id = trace_id
+    g.started = time.perf_counter()
 
 
 def end_request(response):
     response.headers["X-Trace-Id"] = g.get("trace_id", "")
+    # The route template, not the path: one series per endpoint, not per run id.
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    metrics.HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+    if "started" in g:
+        metrics.HTTP_LATENCY.labels(request.method, route).observe(time.perf_counter() - g.started)
     return response
 
 

@@ -1,7 +1,7 @@
-"""Liveness and readiness probes."""
-from flask import Blueprint, jsonify
+"""Liveness and readiness probes, and the Prometheus scrape endpoint."""
+from flask import Blueprint, Response, jsonify
 
-from dpp import __version__
+from dpp import __version__, metrics
 from dpp.bootstrap import deps
 from dpp.services.health import readiness
 
@@ -17,3 +17,9 @@ def health():
 def readyz():
     ready, services = readiness(deps())
     return jsonify(status="ready" if ready else "not_ready", services=services), 200 if ready else 503
+
+
+@blp.get("/metrics")
+def prometheus():
+    body, content_type = metrics.render()
+    return Response(body, content_type=content_type)

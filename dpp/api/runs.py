@@ -9,7 +9,7 @@ from dpp.api import schemas
 from dpp.api.context import require_principal
 from dpp.bootstrap import deps
 from dpp.domain.errors import RunNotFound
-from dpp.services import runs_query
+from dpp.services import limits, runs_query
 from dpp.services.submit import Submission, submit_run
 
 blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Paid runs of packs")
@@ -28,10 +28,21 @@ def _idempotency_key() -> str:
 
 @blp.before_request
 def _before():
-    # Order of refusals: who you are (401/403), then headers (400), then body (415/422).
+    # Order of refusals: who you are (401/403), how often (429), headers (400),
+    # media type (415), then the body (422) — cheapest and most telling first.
     require_principal()
     if request.method == "POST":
+        g.rate_headers = limits.check_submit_rate(deps(), g.principal)
         g.idempotency_key = _idempotency_key()
+        if not request.is_json:
+            abort(415, message="POST /v1/runs takes application/json.")
+
+
+@blp.after_request
+def _after(response):
+    for name, value in (g.get("rate_headers") or {}).items():
+        response.headers.setdefault(name, value)
+    return response
 
 
 def _cost_headers(view: dict) -> dict:

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
+from dpp import metrics
 from dpp.adapters.repository import RunRepository, record_usage, snapshot, utcnow
 from dpp.adapters.results import result_key
 from dpp.domain import runs as machine
@@ -149,6 +150,9 @@ def commit(
             charged=settlement.charge_micros,
             released=settlement.release_micros,
         )
+    metrics.RUNS_FINISHED.labels(status.value, code.value if code else "").inc()
+    metrics.MONEY_CHARGED.inc(settlement.charge_micros)
+    metrics.MONEY_RELEASED.inc(settlement.release_micros)
     log.info(
         "run settled",
         extra={"run_id": run_id, "tenant_id": tenant_id, "status": status.value, "charge_micros": settlement.charge_micros},

@@ -17,13 +17,14 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
+from dpp import metrics
 from dpp.adapters import orm
 from dpp.adapters.repository import RunRepository
 from dpp.domain.canonical import sha256_hex
-from dpp.domain.errors import DependencyUnavailable, Forbidden, IdempotencyMismatch, PlanViolation
+from dpp.domain.errors import DependencyUnavailable, DppError, Forbidden, IdempotencyMismatch, PlanViolation
 from dpp.domain.money import format_usd
 from dpp.domain.runs import ErrorCode, RunStatus
-from dpp.services import finalize, ledger
+from dpp.services import finalize, ledger, limits
 from dpp.services.tenants import Principal
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
     ledger.hold(deps, principal.tenant_id, run_id, sub.max_cost_micros)
     try:
         with deps.db.transaction() as session:
+            limits.check_concurrency(session, principal)
             RunRepository(session).add(
                 orm.Run(
                     id=uuid.UUID(run_id),
@@ -101,7 +103,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
         return Submitted(earlier, replayed=True)
     except BaseException as exc:
         ledger.unhold(deps, principal.tenant_id, run_id)
-        if isinstance(exc, Exception) and not isinstance(exc, DependencyUnavailable):
+        if isinstance(exc, Exception) and not isinstance(exc, DppError):
             raise DependencyUnavailable("database", type(exc).__name__) from exc
         raise
 
@@ -113,6 +115,8 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             raise
         # The publish did reach the queue (only its answer was lost) and a
         # worker has claimed the run: it is live, so answer as a success.
+    metrics.RUNS_SUBMITTED.labels(pack.pack_type).inc()
+    metrics.MONEY_RESERVED.inc(sub.max_cost_micros)
     with deps.db.transaction() as session:
         return Submitted(RunRepository(session).get(run_id), replayed=False)
 

@@ -51,6 +51,8 @@ class Principal:
     allowed_pack_types: tuple[str, ...]
     minimum_fee_micros: int
     retention_days: int
+    rate_limit_per_min: int
+    max_concurrent_runs: int
 
 
 def seed_plans(deps, extra_pack_types: tuple[str, ...] = ()) -> None:
@@ -117,6 +119,8 @@ def authenticate(deps, presented: str | None) -> Principal:
             allowed_pack_types=tuple(plan.allowed_pack_types),
             minimum_fee_micros=plan.minimum_fee_micros,
             retention_days=plan.retention_days,
+            rate_limit_per_min=plan.rate_limit_per_min,
+            max_concurrent_runs=plan.max_concurrent_runs,
         )
 
 

@@ -28,6 +28,7 @@ def platform(settings, tmp_path_factory):
         **os.environ,
         "DPP_EXTRA_PACKS": "tests.support.packs:BoomPack,tests.support.packs:SlowPack",
         "PYTHONPATH": str(ROOT),
+        "CORS_ALLOWED_ORIGINS": "https://agent.example",
     }
     api = devstack.start_process(
         [str(BIN / "gunicorn"), "-b", f"127.0.0.1:{port}", "-w", "2", "dpp.api:create_app()"],

@@ -83,3 +83,15 @@ def test_lease_liveness():
     assert m.lease_live(processing(), NOW)
     assert not m.lease_live(processing(), NOW + timedelta(seconds=30))
     assert not m.lease_live(snap(), NOW)
+
+
+def test_retention_boundary_instant_counts_as_expired():
+    from types import SimpleNamespace
+
+    from dpp.services.runs_query import _expired
+
+    until = NOW + timedelta(days=90)
+    run = SimpleNamespace(retention_until=until)
+    assert _expired(run, until)
+    assert not _expired(run, until - timedelta(microseconds=1))
+    assert not _expired(SimpleNamespace(retention_until=None), until)

@@ -1,0 +1,148 @@
+"""Private Redis / moto / gunicorn instances for tests that stop or break a service.
+
+A test that kills a dependency must never touch the shared ones (the machine's
+Redis on 6379, PostgreSQL on 5432, the moto `make test` started): it starts its
+own on a free port with scripts/devstack.py's helpers and stops it by PID.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT / "scripts") not in sys.path:
+    sys.path.insert(0, str(ROOT / "scripts"))
+
+import devstack  # noqa: E402
+
+BIN = Path(sys.executable).parent
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REGION = "us-east-1"
+CREDS = dict(devstack.STATIC_TEST_CREDENTIALS)
+
+
+class PrivateRedis:
+    """A throwaway redis-server (no persistence) that a test may stop and start again.
+
+    `restart()` reuses the port, so clients configured with `url` reconnect to an
+    empty server, like a real Redis restarted without its data.
+    """
+
+    def __init__(self, log_dir: Path, port: int | None = None):
+        self.port = port or devstack.free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_dir = Path(log_dir)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> "PrivateRedis":
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.proc = devstack.start_process(
+            [REDIS_SERVER, "--port", self.port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.log_dir, "--daemonize", "no"],
+            log_path=self.log_dir / f"redis-{self.port}.log",
+        )
+        deadline = time.monotonic() + timeout
+        while devstack._redis_probe(self.url) is not None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"private redis-server on {self.port} did not come up")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM by PID (its own process group), wait until the port is closed."""
+        if self.proc is not None and self.proc.poll() is None:
+            devstack.stop_process(self.proc)
+        deadline = time.monotonic() + 10
+        while devstack.port_open("127.0.0.1", self.port, timeout=0.2):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"port {self.port} still open after stopping redis-server")
+            time.sleep(0.05)
+
+    def restart(self) -> "PrivateRedis":
+        self.stop()
+        return self.start()
+
+
+class PrivateMoto:
+    """A throwaway `moto_server` holding one SQS queue, for a test to stop."""
+
+    def __init__(self, log_dir: Path, port: int | None = None):
+        self.port = port or devstack.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_dir = Path(log_dir)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "PrivateMoto":
+        self.proc = devstack.start_process(
+            [BIN / "moto_server", "-H", "127.0.0.1", "-p", self.port],
+            log_path=self.log_dir / f"moto-{self.port}.log",
+        )
+        deadline = time.monotonic() + timeout
+        while not devstack.http_answers(self.url, timeout=1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"private moto_server on {self.port} did not come up")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            devstack.stop_process(self.proc)
+        deadline = time.monotonic() + 10
+        while devstack.port_open("127.0.0.1", self.port, timeout=0.2):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"port {self.port} still open after stopping moto_server")
+            time.sleep(0.05)
+
+    def sqs(self):
+        import boto3
+
+        return boto3.client("sqs", region_name=REGION, endpoint_url=self.url, **CREDS)
+
+    def create_queue(self, name: str) -> str:
+        return self.sqs().create_queue(QueueName=name)["QueueUrl"]
+
+    def depth(self, queue_url: str) -> int:
+        attrs = self.sqs().get_queue_attributes(
+            QueueUrl=queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+@contextmanager
+def private_redis(log_dir: Path):
+    redis = PrivateRedis(log_dir).start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+@contextmanager
+def private_moto(log_dir: Path):
+    moto = PrivateMoto(log_dir).start()
+    try:
+        yield moto
+    finally:
+        moto.stop()
+
+
+@contextmanager
+def gunicorn(env_overrides: dict, log_path: Path, workers: int = 1):
+    """The API on a free port, env = os.environ + overrides; yields its base URL; stopped by PID."""
+    port = devstack.free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_overrides}
+    proc = devstack.start_process(
+        [BIN / "gunicorn", "-b", f"127.0.0.1:{port}", "-w", str(workers), "--timeout", "60",
+         "dpp.api:create_app()"],
+        env=env, log_path=log_path,
+    )
+    try:
+        devstack.wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        devstack.stop_process(proc)
