@@ -28,7 +28,7 @@ broker_transport_options = {
     "is_secure": urlsplit(_s.sqs_endpoint_url).scheme != "http" if _s.sqs_endpoint_url else True,
     # Longer than the lease: a live worker's message must not reappear while it
     # still holds the lease (the heartbeat extends both).
-    "visibility_timeout": max(2 * _s.worker_lease_ttl_sec, 30),
+    "visibility_timeout": _s.worker_visibility_timeout_sec or max(2 * _s.worker_lease_ttl_sec, 30),
     "wait_time_seconds": 5,
     "polling_interval": 0.1,
 }
@@ -69,8 +69,26 @@ task_publish_retry_policy = {"max_retries": 2, "interval_start": 0, "interval_st
 beat_scheduler = "redbeat.RedBeatScheduler"
 redbeat_redis_url = _s.redis_url
 redbeat_key_prefix = "dpp:redbeat"
-redbeat_lock_timeout = 5 * 60
+# Short, so a standby beat takes over within seconds of the active one dying
+# (the sweeps bound how long a dead worker's run can stay unsettled).
+redbeat_lock_timeout = 30
 beat_max_loop_interval = 5
 
 timezone = "UTC"
 enable_utc = True
+
+# Sweeps (SPEC §3). Intervals from the environment; redbeat's Redis lock keeps
+# a second beat process idle until the first one's lock expires.
+beat_schedule = {
+    "sweep-expired-leases": {"task": "dpp.sweep_expired_leases", "schedule": float(_s.reaper_interval_sec)},
+    "reconcile-stuck": {"task": "dpp.reconcile_stuck", "schedule": float(_s.reconcile_interval_sec)},
+    "sweep-stale-queued": {"task": "dpp.sweep_stale_queued", "schedule": float(_s.reaper_interval_sec)},
+    "purge-expired-results": {"task": "dpp.purge_expired_results", "schedule": 3600.0},
+    "audit-budgets": {"task": "dpp.audit_budgets", "schedule": 300.0},
+    "record-queue-depth": {"task": "dpp.record_queue_depth", "schedule": 15.0},
+}
+# A sweep that waited behind a backlog longer than its own interval is stale:
+# the next one is already on its way.
+task_annotations = {
+    entry["task"]: {"expires": max(5.0, entry["schedule"])} for entry in beat_schedule.values()
+}

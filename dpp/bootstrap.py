@@ -42,6 +42,12 @@ class Deps:
         return S3Results(self.settings)
 
     @cached_property
+    def sqs(self):
+        from dpp.adapters.sqs import SqsAdmin
+
+        return SqsAdmin(self.settings)
+
+    @cached_property
     def queue(self):
         from dpp.adapters.queue import CeleryQueue
         from dpp.celery import app

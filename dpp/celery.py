@@ -5,7 +5,7 @@ Tasks live in the top-level `tasks/` package as thin wrappers over services.
 from celery import Celery
 from celery.signals import setup_logging
 
-app = Celery("dpp", include=["tasks.runs"])
+app = Celery("dpp", include=["tasks.runs", "tasks.sweeps"])
 app.config_from_object("celeryconfig")
 
 

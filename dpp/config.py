@@ -21,6 +21,11 @@ def _int(env: dict, name: str, default: int) -> int:
     return default if raw in (None, "") else int(raw)
 
 
+def _float(env: dict, name: str, default: float) -> float:
+    raw = env.get(name)
+    return default if raw in (None, "") else float(raw)
+
+
 def _bool(env: dict, name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw in (None, ""):
@@ -64,10 +69,13 @@ class Settings:
     json_logs: bool = True
     worker_lease_ttl_sec: int = 60
     worker_heartbeat_interval_sec: int = 15
+    # SQS visibility timeout; the heartbeat extends it while a run is worked.
+    worker_visibility_timeout_sec: int | None = None
     reaper_interval_sec: int = 30
     reaper_scan_limit: int = 100
+    queued_timeout_sec: int = 1800
     reconcile_interval_sec: int = 60
-    reconcile_threshold_min: int = 5
+    reconcile_threshold_min: float = 5  # fractions allowed (tests use seconds)
     reconcile_scan_limit: int = 100
     billing_preflight_required: bool = False
     presign_ttl_sec: int = 900
@@ -99,10 +107,12 @@ class Settings:
             worker_heartbeat_interval_sec=_int(
                 env, "WORKER_HEARTBEAT_INTERVAL_SEC", cls.worker_heartbeat_interval_sec
             ),
+            worker_visibility_timeout_sec=_int(env, "WORKER_VISIBILITY_TIMEOUT_SEC", 0) or None,
             reaper_interval_sec=_int(env, "REAPER_INTERVAL_SEC", cls.reaper_interval_sec),
             reaper_scan_limit=_int(env, "REAPER_SCAN_LIMIT", cls.reaper_scan_limit),
+            queued_timeout_sec=_int(env, "REAPER_QUEUED_TIMEOUT_SEC", cls.queued_timeout_sec),
             reconcile_interval_sec=_int(env, "RECONCILE_INTERVAL_SEC", cls.reconcile_interval_sec),
-            reconcile_threshold_min=_int(env, "RECONCILE_THRESHOLD_MIN", cls.reconcile_threshold_min),
+            reconcile_threshold_min=_float(env, "RECONCILE_THRESHOLD_MIN", cls.reconcile_threshold_min),
             reconcile_scan_limit=_int(env, "RECONCILE_SCAN_LIMIT", cls.reconcile_scan_limit),
             billing_preflight_required=_bool(env, "DPP_BILLING_PREFLIGHT_REQUIRED", False),
             presign_ttl_sec=_int(env, "DPP_PRESIGN_TTL_SEC", cls.presign_ttl_sec),

@@ -11,6 +11,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -26,6 +27,16 @@ RUNS_FINISHED = Counter("dpp_runs_finished_total", "Runs that reached a terminal
 MONEY_RESERVED = Counter("dpp_money_reserved_usd_micros_total", "Money reserved at submission (USD micros)")
 MONEY_CHARGED = Counter("dpp_money_charged_usd_micros_total", "Money charged at settlement (USD micros)")
 MONEY_RELEASED = Counter("dpp_money_released_usd_micros_total", "Money released at settlement (USD micros)")
+
+AUDIT_REQUIRED = Counter("dpp_audit_required_total", "Runs or tenants marked AUDIT_REQUIRED / found drifting", ["reason"])
+LEASE_EXPIRIES = Counter("dpp_lease_expiries_total", "Runs failed by the lease sweep")
+RECONCILE_ACTIONS = Counter("dpp_reconcile_actions_total", "Reconciler decisions", ["action"])
+SWEEP_RUNS = Counter("dpp_sweep_runs_total", "Runs ended by a sweep", ["sweep"])
+QUEUE_DEPTH = Gauge("dpp_queue_depth_messages", "SQS run queue depth", ["state"], multiprocess_mode="max")
+WORKER_HEARTBEAT = Gauge(
+    "dpp_worker_heartbeat_timestamp_seconds", "Unix time of the last successful heartbeat tick",
+    multiprocess_mode="max",
+)
 
 
 def render() -> tuple[bytes, str]:

@@ -4,9 +4,21 @@ from dpp.celery import app
 from dpp.services import execute
 
 
-@app.task(name="dpp.execute_run", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def execute_run(run_id: str) -> str:
+@app.task(name="dpp.execute_run", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def execute_run(self, run_id: str) -> str:
     # An exception escaping here (PostgreSQL down at claim or finalize) is not
     # acknowledged: acks_on_failure is off, so SQS redelivers the message, and
     # its dead-letter queue takes it after three receives.
-    return execute.execute_run(deps(), run_id)
+    return execute.execute_run(deps(), run_id, message=_sqs_message(self.request))
+
+
+def _sqs_message(request) -> tuple[str, str] | None:
+    """(queue_url, receipt_handle) of the SQS message being worked, for the heartbeat.
+
+    kombu's SQS transport puts the receipt handle in the message properties as
+    its delivery tag, and the queue URL in their delivery_info.
+    """
+    props = getattr(request, "properties", None) or {}
+    receipt = props.get("delivery_tag")
+    queue_url = (props.get("delivery_info") or {}).get("sqs_queue")
+    return (queue_url, receipt) if receipt and queue_url else None

@@ -129,6 +129,10 @@ class RedisBudget:
         raw = self.client.hget(reserve_key(tenant_id, run_id), "amount")
         return None if raw is None else int(raw)
 
+    def receipt(self, tenant_id: str, run_id: str) -> dict | None:
+        raw = self.client.hgetall(receipt_key(tenant_id, run_id))
+        return {k.decode(): int(v) for k, v in raw.items()} or None
+
     def restore(self, tenant_id: str, available_micros: int, reservations: dict[str, int]) -> None:
         """Set the tenant's Redis state to what the ledger says (`dpp budget rebuild`).
 

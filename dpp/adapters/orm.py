@@ -165,6 +165,11 @@ class Run(Base):
             "finalize_claimed_at",
             postgresql_where=text("finalize_stage = 'CLAIMED'"),
         ),
+        Index(
+            "ix_runs_result_retention",
+            "retention_until",
+            postgresql_where=text("result_key IS NOT NULL"),
+        ),
         Index("ix_runs_money_unsettled", "tenant_id", postgresql_where=text("money_state <> 'SETTLED'")),
         Index("ix_runs_tenant_active", "tenant_id", postgresql_where=text(ACTIVE)),
     )

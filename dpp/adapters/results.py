@@ -64,6 +64,12 @@ class S3Results:
                 return None
             raise DependencyUnavailable("s3", str(exc)) from exc
 
+    def delete(self, key: str) -> None:
+        try:
+            self.s3.delete_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise DependencyUnavailable("s3", str(exc)) from exc
+
     def presign(self, key: str, ttl_sec: int) -> str:
         return self.s3.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=ttl_sec

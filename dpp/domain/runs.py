@@ -161,6 +161,26 @@ def failure_charge(run: RunSnapshot, started: bool) -> int:
     return min(run.minimum_fee_micros, run.reserved_micros) if started else 0
 
 
+def claim_expired(run: RunSnapshot, *, now: datetime) -> Changes:
+    """The lease sweep's claim: a PROCESSING run whose lease ran out, not finalizing.
+
+    The worker holding the stale lease can no longer CLAIM (its lease is not
+    live), so after this only the sweep ends the run.
+    """
+    _require(run.status is RunStatus.PROCESSING, f"run is {run.status.value}, not PROCESSING")
+    _require(run.finalize_stage is FinalizeStage.NONE, f"finalize already {run.finalize_stage.value}")
+    _require(not lease_live(run, now), "lease is still live")
+    return {"finalize_stage": FinalizeStage.CLAIMED, "finalize_claimed_at": now, "lease_token": None}
+
+
+def take_over_claim(run: RunSnapshot, *, now: datetime) -> Changes:
+    """The reconciler takes a stuck CLAIMED run. Re-stamping the claim time keeps
+    a concurrent reconcile (or the next sweep) off it while this one works."""
+    _require(run.finalize_stage is FinalizeStage.CLAIMED, f"finalize is {run.finalize_stage.value}, not CLAIMED")
+    _require(not run.status.terminal, f"run is already {run.status.value}")
+    return {"finalize_claimed_at": now}
+
+
 def mark_audit_required(run: RunSnapshot, *, reason: str) -> Changes:
     """A contradiction nobody may silently fix: flag it and keep the money where it is."""
     return {"money_state": MoneyState.AUDIT_REQUIRED, "error_message": reason[:500]}

@@ -13,28 +13,39 @@ from dpp.adapters.repository import RunRepository, snapshot, utcnow
 from dpp.domain import runs as machine
 from dpp.domain.errors import InvalidTransition, LeaseLost
 from dpp.domain.runs import ErrorCode
+from dpp.faults import fault_point
 from dpp.services import finalize
+from dpp.services.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
 PROGRESS_MIN_INTERVAL_SEC = 1.0
 
 
-def execute_run(deps, run_id: str) -> str:
-    """Run it if it is ours to run; return what happened, for the task's result and logs."""
+def execute_run(deps, run_id: str, message: tuple[str, str] | None = None) -> str:
+    """Run it if it is ours to run; return what happened, for the task's result and logs.
+
+    `message` is the SQS (queue_url, receipt_handle) the heartbeat keeps invisible.
+    """
     token = _claim_lease(deps, run_id)
     if not token.startswith("lease:"):
         log.info("message dropped", extra={"run_id": run_id, "reason": token})
         return token
     lease_token = token.removeprefix("lease:")
+    fault_point("after_lease_claim")
 
     with deps.db.transaction() as session:
         row = RunRepository(session).get(run_id)
         pack_type, inputs = row.pack_type, row.inputs
     pack = deps.packs.get(pack_type)
 
+    heartbeat = Heartbeat(deps, run_id, lease_token, message)
     try:
-        result = pack.run(inputs, _progress_writer(deps, run_id, lease_token))
+        with heartbeat:
+            result = pack.run(inputs, _progress_writer(deps, run_id, lease_token, heartbeat))
+    except PackStopped:
+        log.warning("pack stopped: lease lost", extra={"run_id": run_id})
+        return "lease-lost"
     except Exception as exc:  # the pack's failure is the run's, not the worker's
         log.warning("pack failed", extra={"run_id": run_id, "error": repr(exc)}, exc_info=True)
         try:
@@ -44,6 +55,9 @@ def execute_run(deps, run_id: str) -> str:
             return "lease-lost"
         return f"failed:{outcome.charge_micros}"
 
+    # The heartbeat has stopped (the `with` above) before anything finalizes.
+    if heartbeat.lost.is_set():
+        return "lease-lost"
     try:
         outcome = finalize.complete(deps, run_id, lease_token, result)
     except LeaseLost as lost:
@@ -75,10 +89,23 @@ def _claim_lease(deps, run_id: str) -> str:
         return f"lease:{token}"
 
 
-def _progress_writer(deps, run_id: str, lease_token: str):
+class PackStopped(BaseException):
+    """Raised into a pack at its next progress report once the lease is lost.
+
+    A BaseException so that a pack's own `except Exception` cannot swallow it.
+    """
+
+
+def _progress_writer(deps, run_id: str, lease_token: str, heartbeat: Heartbeat):
     last = [0.0]
+    first = [True]
 
     def progress(fraction: float) -> None:
+        if heartbeat.lost.is_set():
+            raise PackStopped(run_id)
+        if first[0]:
+            first[0] = False
+            fault_point("mid_pack")
         now = time.monotonic()
         if now - last[0] < PROGRESS_MIN_INTERVAL_SEC and fraction < 1.0:
             return

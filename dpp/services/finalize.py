@@ -9,6 +9,7 @@ a crash at any point and get the same single settlement.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,9 +22,12 @@ from dpp.domain.errors import InvalidTransition, LeaseLost
 from dpp.domain.money import format_usd
 from dpp.domain.packs.base import PackResult
 from dpp.domain.runs import ErrorCode, FinalizeStage, RunStatus
+from dpp.faults import fault_point
 from dpp.services import ledger
 
 log = logging.getLogger(__name__)
+
+ALERT_CHANNEL = os.environ.get("DPP_ALERT_CHANNEL", "payments-oncall")
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,13 @@ def envelope(row, result: PackResult) -> bytes:
 def complete(deps, run_id: str, lease_token: str, result: PackResult) -> Outcome:
     """CLAIM -> upload -> COMMIT for a pack that finished."""
     claim(deps, run_id, lease_token)
+    fault_point("after_finalize_claim")
     with deps.db.transaction() as session:
         row = RunRepository(session).get(run_id)
     charge = min(result.actual_cost_micros, row.reserved_micros)
     key = result_key(row.tenant_id, run_id)
     deps.results.put(key, envelope(row, result), charge)
+    fault_point("after_s3_upload")
     return commit(deps, run_id, RunStatus.COMPLETED, charge, result_key=key)
 
 
@@ -120,6 +126,16 @@ def commit(
         tenant_id, reserved = row.tenant_id, row.reserved_micros
 
     settlement = ledger.settle_in_redis(deps, tenant_id, run_id, reserved, charge_wanted_micros)
+    fault_point("after_redis_settle")
+    if settlement.charge_micros != min(charge_wanted_micros, reserved):
+        # Redis already settled this run at another price: two stories about one
+        # run's money. Nobody may pick one silently (SPEC §2 invariant 5).
+        flag_audit_required(
+            deps, run_id,
+            f"redis receipt charged {settlement.charge_micros}, this settlement wanted "
+            f"{min(charge_wanted_micros, reserved)}",
+        )
+        return Outcome(run_id, "AUDIT_REQUIRED", settlement.charge_micros, settled=False)
 
     with deps.db.transaction() as session:
         repo = RunRepository(session)
@@ -150,6 +166,7 @@ def commit(
             charged=settlement.charge_micros,
             released=settlement.release_micros,
         )
+    fault_point("after_ledger_commit")
     metrics.RUNS_FINISHED.labels(status.value, code.value if code else "").inc()
     metrics.MONEY_CHARGED.inc(settlement.charge_micros)
     metrics.MONEY_RELEASED.inc(settlement.release_micros)
@@ -165,3 +182,18 @@ def _retention_days(session, tenant_id: str) -> int:
 
     repo = TenantRepository(session)
     return repo.plan(repo.get(tenant_id).plan_id).retention_days
+
+
+def flag_audit_required(deps, run_id: str, reason: str) -> str:
+    """Mark, alert, count — and change nothing else (SPEC §2 invariant 5)."""
+    with deps.db.transaction() as session:
+        repo = RunRepository(session)
+        snap = snapshot(repo.get(run_id, for_update=True))
+        repo.apply(snap, machine.mark_audit_required(snap, reason=reason))
+    log.critical(
+        "AUDIT_REQUIRED: %s", reason,
+        extra={"run_id": run_id, "alert_channel": ALERT_CHANNEL, "reason": reason},
+    )
+    metrics.AUDIT_REQUIRED.labels("run").inc()
+    metrics.RECONCILE_ACTIONS.labels("audit_required").inc()
+    return "audit-required"

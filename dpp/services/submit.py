@@ -24,6 +24,7 @@ from dpp.domain.canonical import sha256_hex
 from dpp.domain.errors import DependencyUnavailable, DppError, Forbidden, IdempotencyMismatch, PlanViolation
 from dpp.domain.money import format_usd
 from dpp.domain.runs import ErrorCode, RunStatus
+from dpp.faults import fault_point
 from dpp.services import finalize, ledger, limits
 from dpp.services.tenants import Principal
 
@@ -73,6 +74,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
 
     run_id = str(uuid.uuid4())
     ledger.hold(deps, principal.tenant_id, run_id, sub.max_cost_micros)
+    fault_point("after_reserve")
     try:
         with deps.db.transaction() as session:
             limits.check_concurrency(session, principal)
@@ -107,6 +109,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             raise DependencyUnavailable("database", type(exc).__name__) from exc
         raise
 
+    fault_point("after_run_row")
     try:
         deps.queue.enqueue_run(run_id, trace_id)
     except DependencyUnavailable:
@@ -115,6 +118,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             raise
         # The publish did reach the queue (only its answer was lost) and a
         # worker has claimed the run: it is live, so answer as a success.
+    fault_point("after_enqueue")
     metrics.RUNS_SUBMITTED.labels(pack.pack_type).inc()
     metrics.MONEY_RESERVED.inc(sub.max_cost_micros)
     with deps.db.transaction() as session:

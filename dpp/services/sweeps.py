@@ -1,0 +1,296 @@
+"""The sweeps that end what crashed workers and lost messages left behind (SPEC §3).
+
+Each sweep claims a bounded batch with `FOR UPDATE SKIP LOCKED` and moves every
+claimed run with the state machine's compare-and-set in that same transaction,
+so two copies of a sweep running at once take disjoint runs. The claimed runs
+are then ended through `finalize.commit`, the one settlement path, which is
+idempotent: a sweep killed half-way is finished by the next one (or by
+`reconcile_stuck`, since a claimed run is CLAIMED).
+
+Queries filter on the partial indexes' predicates (`orm.Run` indexes), so their
+cost grows with the runs in flight, not with the millions that ended.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import func, select
+
+from dpp import metrics
+from dpp.adapters import orm
+from dpp.adapters.repository import RunRepository, snapshot, utcnow
+from dpp.adapters.results import result_key
+from dpp.domain import runs as machine
+from dpp.domain.errors import InvalidTransition
+from dpp.domain.runs import ErrorCode, FinalizeStage, MoneyState, RunStatus
+from dpp.faults import fault_point
+from dpp.services import finalize, ledger
+from dpp.services.finalize import ALERT_CHANNEL, flag_audit_required
+from dpp.services.audit import audit
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class SweepReport:
+    sweep: str
+    claimed: int = 0
+    actions: dict[str, str] = field(default_factory=dict)  # run_id -> what happened
+
+    def as_dict(self) -> dict:
+        return {"sweep": self.sweep, "claimed": self.claimed, "actions": self.actions}
+
+
+def _claim_batch(deps, stmt, transition) -> list[str]:
+    """Lock a batch (skipping rows another sweep holds) and move each by CAS."""
+    claimed = []
+    with deps.db.transaction() as session:
+        repo = RunRepository(session)
+        now = utcnow(session)
+        rows = list(session.execute(stmt.with_for_update(skip_locked=True)).scalars())
+        fault_point("sweep_between_read_and_write")
+        for row in rows:
+            snap = snapshot(row)
+            try:
+                changes = transition(snap, now)
+            except InvalidTransition:
+                continue
+            if repo.apply(snap, changes):
+                claimed.append(str(row.id))
+    return claimed
+
+
+def expired_leases_query(limit: int):
+    return (
+        select(orm.Run)
+        .where(orm.Run.status == "PROCESSING", orm.Run.finalize_stage == "NONE", orm.Run.lease_expires_at < _db_now())
+        .order_by(orm.Run.lease_expires_at)
+        .limit(limit)
+    )
+
+
+def stale_queued_query(limit: int, timeout_sec: int):
+    return (
+        select(orm.Run)
+        .where(
+            orm.Run.status == "QUEUED",
+            orm.Run.finalize_stage == "NONE",
+            orm.Run.created_at < _db_now() - timedelta(seconds=timeout_sec),
+        )
+        .order_by(orm.Run.created_at)
+        .limit(limit)
+    )
+
+
+def stuck_claims_query(limit: int, threshold_min: float):
+    return (
+        select(orm.Run)
+        .where(
+            orm.Run.finalize_stage == "CLAIMED",
+            orm.Run.finalize_claimed_at < _db_now() - timedelta(minutes=threshold_min),
+            orm.Run.money_state != MoneyState.AUDIT_REQUIRED.value,
+        )
+        .order_by(orm.Run.finalize_claimed_at)
+        .limit(limit)
+    )
+
+
+def expired_results_query(limit: int):
+    return (
+        select(orm.Run)
+        .where(orm.Run.result_key.is_not(None), orm.Run.retention_until <= _db_now())
+        .order_by(orm.Run.retention_until)
+        .limit(limit)
+    )
+
+
+def sweep_expired_leases(deps) -> SweepReport:
+    """PROCESSING, lease expired, no finalize claim -> FAILED LEASE_EXPIRED, minimum fee."""
+    report = SweepReport("sweep_expired_leases")
+    stmt = expired_leases_query(deps.settings.reaper_scan_limit)
+    ids = _claim_batch(deps, stmt, lambda snap, now: machine.claim_expired(snap, now=now))
+    report.claimed = len(ids)
+    for run_id in ids:
+        snap = _snapshot(deps, run_id)
+        outcome = finalize.commit(
+            deps, run_id, RunStatus.FAILED, machine.failure_charge(snap, started=True),
+            code=ErrorCode.LEASE_EXPIRED, message="the worker's lease expired before it finalized",
+        )
+        metrics.LEASE_EXPIRIES.inc()
+        metrics.SWEEP_RUNS.labels(report.sweep).inc()
+        report.actions[run_id] = f"failed:LEASE_EXPIRED:{outcome.charge_micros}"
+    return report
+
+
+def sweep_stale_queued(deps) -> SweepReport:
+    """QUEUED too long (message lost or dead-lettered) -> FAILED QUEUE_TIMEOUT, charge 0."""
+    report = SweepReport("sweep_stale_queued")
+    stmt = stale_queued_query(deps.settings.reaper_scan_limit, deps.settings.queued_timeout_sec)
+    ids = _claim_batch(deps, stmt, lambda snap, now: machine.claim_unstarted(snap, now=now))
+    report.claimed = len(ids)
+    for run_id in ids:
+        outcome = finalize.commit(
+            deps, run_id, RunStatus.FAILED, 0, code=ErrorCode.QUEUE_TIMEOUT,
+            message="the run waited in the queue too long and never started", from_queued=True,
+        )
+        metrics.SWEEP_RUNS.labels(report.sweep).inc()
+        report.actions[run_id] = f"failed:QUEUE_TIMEOUT:{outcome.charge_micros}"
+    return report
+
+
+def reconcile_stuck(deps) -> SweepReport:
+    """CLAIMED for longer than the threshold: roll forward from S3, or roll back."""
+    report = SweepReport("reconcile_stuck")
+    stmt = stuck_claims_query(deps.settings.reconcile_scan_limit, deps.settings.reconcile_threshold_min)
+    ids = _claim_batch(deps, stmt, lambda snap, now: machine.take_over_claim(snap, now=now))
+    report.claimed = len(ids)
+    for run_id in ids:
+        report.actions[run_id] = reconcile_one(deps, run_id)
+        metrics.SWEEP_RUNS.labels(report.sweep).inc()
+    return report
+
+
+def reconcile_one(deps, run_id: str) -> str:
+    """Resolve one CLAIMED run from the evidence in S3. Idempotent; never guesses.
+
+    S3 object with a sane cost receipt -> roll forward at that cost.
+    No S3 object                      -> roll back: FAILED, minimum fee if the
+                                         pack had started, 0 if it never did.
+    Anything contradictory            -> AUDIT_REQUIRED, for a human.
+    """
+    with deps.db.transaction() as session:
+        row = RunRepository(session).get(run_id)
+    if row is None:
+        return "unknown-run"
+    snap = snapshot(row)
+    if snap.finalize_stage is FinalizeStage.COMMITTED:
+        return f"already-settled:{row.status}"
+    if snap.money_state is MoneyState.AUDIT_REQUIRED:
+        return "audit-required"
+    if snap.finalize_stage is not FinalizeStage.CLAIMED:
+        return f"not-claimed:{snap.status.value}"
+
+    if snap.status is RunStatus.QUEUED:  # claimed as never started, then interrupted
+        finalize.commit(deps, run_id, RunStatus.FAILED, 0, code=ErrorCode.ROLLED_BACK,
+                        message="interrupted before it started; settled at 0", from_queued=True)
+        metrics.RECONCILE_ACTIONS.labels("rolled_back_unstarted").inc()
+        return "rolled_back:0"
+
+    stored = deps.results.head(result_key(row.tenant_id, run_id))
+    if stored is None:
+        charge = machine.failure_charge(snap, started=True)
+        outcome = finalize.commit(deps, run_id, RunStatus.FAILED, charge, code=ErrorCode.ROLLED_BACK,
+                                  message="finalize was interrupted before the result was stored")
+        metrics.RECONCILE_ACTIONS.labels("rolled_back").inc()
+        return f"rolled_back:{outcome.charge_micros}"
+    if not 0 <= stored.actual_cost_micros <= snap.reserved_micros:
+        return flag_audit_required(
+            deps, run_id,
+            f"S3 cost receipt {stored.actual_cost_micros} is outside 0..{snap.reserved_micros}",
+        )
+    outcome = finalize.commit(deps, run_id, RunStatus.COMPLETED, stored.actual_cost_micros, result_key=stored.key)
+    metrics.RECONCILE_ACTIONS.labels("rolled_forward").inc()
+    return f"rolled_forward:{outcome.charge_micros}"
+
+
+def purge_expired_results(deps) -> SweepReport:
+    """Delete stored results past the plan's retention (the run keeps its 410)."""
+    report = SweepReport("purge_expired_results")
+    with deps.db.transaction() as session:
+        stmt = expired_results_query(deps.settings.reaper_scan_limit)
+        rows = list(session.execute(stmt.with_for_update(skip_locked=True)).scalars())
+        for row in rows:
+            deps.results.delete(row.result_key)  # idempotent: deleting a missing key is fine
+            report.actions[str(row.id)] = "purged"
+            row.result_key = None
+        report.claimed = len(rows)
+    return report
+
+
+def audit_budgets(deps) -> dict:
+    """Invariants 1-3 for every tenant; any violation is a CRITICAL alert."""
+    result = audit(deps)
+    for violation in result.violations:
+        log.critical("budget audit violation: %s", violation,
+                     extra={"alert_channel": ALERT_CHANNEL, "violation": violation})
+        metrics.AUDIT_REQUIRED.labels("budget_drift").inc()
+    return {
+        "tenants_checked": result.tenants_checked,
+        "runs_checked": result.runs_checked,
+        "ok": result.ok,
+        "violations": result.violations,
+    }
+
+
+def record_queue_depth(deps) -> dict:
+    depth = deps.sqs.depth()
+    for state, value in depth.items():
+        metrics.QUEUE_DEPTH.labels(state).set(value)
+    return depth
+
+
+def reconcile_run(deps, run_id: str) -> dict:
+    """The engineers' task: one run, whatever its state, with a readable report."""
+    before = _describe(deps, run_id)
+    if before is None:
+        return {"run_id": run_id, "found": False}
+    action = "nothing-to-do"
+    if before["finalize_stage"] == "CLAIMED" and before["money_state"] != "AUDIT_REQUIRED":
+        action = reconcile_one(deps, run_id)
+    elif before["status"] == "PROCESSING" and before["finalize_stage"] == "NONE" and before["lease_expired"]:
+        ids = _claim_batch(
+            deps, select(orm.Run).where(orm.Run.id == uuid.UUID(run_id)),
+            lambda snap, now: machine.claim_expired(snap, now=now),
+        )
+        action = reconcile_one(deps, run_id) if ids else "lease-changed"
+    return {"run_id": run_id, "found": True, "before": before, "action": action, "after": _describe(deps, run_id)}
+
+
+def audit_tenant(deps, tenant_id: str) -> dict:
+    result = audit(deps, [tenant_id])
+    for violation in result.violations:
+        log.critical("tenant audit violation: %s", violation,
+                     extra={"alert_channel": ALERT_CHANNEL, "tenant_id": tenant_id, "violation": violation})
+    with deps.db.transaction() as session:
+        books = ledger.balances(session, tenant_id)
+    return {
+        "tenant_id": tenant_id,
+        "ok": result.ok,
+        "runs_checked": result.runs_checked,
+        "ledger": {"funded": books.funded, "available": books.available, "held": books.held, "spent": books.spent},
+        "redis_available": deps.budget.available(tenant_id),
+        "violations": result.violations,
+    }
+
+
+def _describe(deps, run_id: str) -> dict | None:
+    with deps.db.transaction() as session:
+        row = RunRepository(session).get(run_id)
+        if row is None:
+            return None
+        now = utcnow(session)
+    return {
+        "status": row.status,
+        "finalize_stage": row.finalize_stage,
+        "money_state": row.money_state,
+        "reserved_micros": row.reserved_micros,
+        "actual_cost_micros": row.actual_cost_micros,
+        "error_code": row.error_code,
+        "lease_expired": row.lease_expires_at is not None and row.lease_expires_at <= now,
+        "redis_receipt": deps.budget.receipt(row.tenant_id, run_id),
+        "s3_cost": getattr(deps.results.head(result_key(row.tenant_id, run_id)), "actual_cost_micros", None),
+    }
+
+
+def _snapshot(deps, run_id: str):
+    with deps.db.transaction() as session:
+        return snapshot(RunRepository(session).get(run_id))
+
+
+def _db_now():
+    # The database's clock judges every deadline, as it stamped them.
+    return func.now()

@@ -1,0 +1,49 @@
+"""Beat's sweeps and the engineers' tasks (SPEC §3). Each returns its report.
+
+All are idempotent and safe to run concurrently with themselves, so an
+engineer may trigger one by hand while beat runs it too:
+    celery -A dpp call dpp.reconcile_run --args='["<run_id>"]'
+"""
+from dpp.bootstrap import deps
+from dpp.celery import app
+from dpp.services import sweeps
+
+
+@app.task(name="dpp.sweep_expired_leases")
+def sweep_expired_leases() -> dict:
+    return sweeps.sweep_expired_leases(deps()).as_dict()
+
+
+@app.task(name="dpp.reconcile_stuck")
+def reconcile_stuck() -> dict:
+    return sweeps.reconcile_stuck(deps()).as_dict()
+
+
+@app.task(name="dpp.sweep_stale_queued")
+def sweep_stale_queued() -> dict:
+    return sweeps.sweep_stale_queued(deps()).as_dict()
+
+
+@app.task(name="dpp.purge_expired_results")
+def purge_expired_results() -> dict:
+    return sweeps.purge_expired_results(deps()).as_dict()
+
+
+@app.task(name="dpp.audit_budgets")
+def audit_budgets() -> dict:
+    return sweeps.audit_budgets(deps())
+
+
+@app.task(name="dpp.record_queue_depth")
+def record_queue_depth() -> dict:
+    return sweeps.record_queue_depth(deps())
+
+
+@app.task(name="dpp.reconcile_run")
+def reconcile_run(run_id: str) -> dict:
+    return sweeps.reconcile_run(deps(), run_id)
+
+
+@app.task(name="dpp.audit_tenant")
+def audit_tenant(tenant_id: str) -> dict:
+    return sweeps.audit_tenant(deps(), tenant_id)
