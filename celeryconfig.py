@@ -5,6 +5,7 @@ A task is acknowledged only after it returns, i.e. after finalize COMMIT; a
 worker killed mid-run leaves the message to come back after its visibility
 timeout, and the lease decides whether it may run again.
 """
+import os
 from urllib.parse import urlsplit
 
 from dpp.config import get_settings
@@ -68,7 +69,7 @@ task_publish_retry_policy = {"max_retries": 2, "interval_start": 0, "interval_st
 
 beat_scheduler = "redbeat.RedBeatScheduler"
 redbeat_redis_url = _s.redis_url
-redbeat_key_prefix = "dpp:redbeat"
+redbeat_key_prefix = os.environ.get("DPP_REDBEAT_KEY_PREFIX", "dpp:redbeat")
 # Short, so a standby beat takes over within seconds of the active one dying
 # (the sweeps bound how long a dead worker's run can stay unsettled).
 redbeat_lock_timeout = 30
