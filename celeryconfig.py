@@ -49,8 +49,12 @@ task_default_queue = _s.sqs_queue_name
 task_serializer = "json"
 accept_content = ["json"]
 result_serializer = "json"
+# Runs keep their results in PostgreSQL and S3; only the engineers' tasks
+# (dpp.reconcile_run, dpp.audit_tenant) store a result, so that
+# `celery -A dpp result <task id>` prints their report.
 task_ignore_result = True
-result_backend = None
+result_backend = _s.redis_url
+result_expires = 7 * 24 * 3600
 
 task_acks_late = True
 task_reject_on_worker_lost = True

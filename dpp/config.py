@@ -147,6 +147,9 @@ class Settings:
                 raise RuntimeError(f"DPP_ENV=production refuses loopback endpoint {name}={url}")
         if self.aws_access_key_id in (STATIC_TEST_ACCESS_KEY,):
             raise RuntimeError("DPP_ENV=production refuses static test AWS keys")
+        test_packs = [p for p in self.extra_packs if p.startswith("tests.")]
+        if test_packs:
+            raise RuntimeError(f"DPP_ENV=production refuses test-only packs: {test_packs}")
 
 
 _settings: Settings | None = None

@@ -4,9 +4,20 @@ All are idempotent and safe to run concurrently with themselves, so an
 engineer may trigger one by hand while beat runs it too:
     celery -A dpp call dpp.reconcile_run --args='["<run_id>"]'
 """
+import json
+import logging
+
 from dpp.bootstrap import deps
 from dpp.celery import app
 from dpp.services import sweeps
+
+log = logging.getLogger(__name__)
+
+
+def _reported(name: str, report: dict) -> dict:
+    # Printed in the worker log as well, for engineers without a result backend.
+    log.info("%s report:\n%s", name, json.dumps(report, indent=2, default=str), extra={"report": report})
+    return report
 
 
 @app.task(name="dpp.sweep_expired_leases")
@@ -39,11 +50,11 @@ def record_queue_depth() -> dict:
     return sweeps.record_queue_depth(deps())
 
 
-@app.task(name="dpp.reconcile_run")
+@app.task(name="dpp.reconcile_run", ignore_result=False)
 def reconcile_run(run_id: str) -> dict:
-    return sweeps.reconcile_run(deps(), run_id)
+    return _reported("dpp.reconcile_run", sweeps.reconcile_run(deps(), run_id))
 
 
-@app.task(name="dpp.audit_tenant")
+@app.task(name="dpp.audit_tenant", ignore_result=False)
 def audit_tenant(tenant_id: str) -> dict:
-    return sweeps.audit_tenant(deps(), tenant_id)
+    return _reported("dpp.audit_tenant", sweeps.audit_tenant(deps(), tenant_id))
