@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from dpp import client_cli
 from dpp.bootstrap import deps
 from dpp.domain.errors import DppError, InvalidMoney
 from dpp.domain.money import format_usd, parse_usd
@@ -136,6 +137,9 @@ def budget_rebuild(tenant_id: str) -> None:
 
     books = ledger.rebuild(deps(), tenant_id)
     click.echo(f"redis available set to {format_usd(books.available)}")
+
+
+client_cli.register(main)  # `dpp submit` / `dpp wait`: the agent client, for humans
 
 
 def run() -> None:  # pragma: no cover - console entry

@@ -1,4 +1,6 @@
 """`dpp.execute_run`: one paid run on a worker."""
+from celery.exceptions import Reject
+
 from dpp.bootstrap import deps
 from dpp.celery import app
 from dpp.services import execute
@@ -9,7 +11,14 @@ def execute_run(self, run_id: str) -> str:
     # An exception escaping here (PostgreSQL down at claim or finalize) is not
     # acknowledged: acks_on_failure is off, so SQS redelivers the message, and
     # its dead-letter queue takes it after three receives.
-    return execute.execute_run(deps(), run_id, message=_sqs_message(self.request))
+    outcome = execute.execute_run(deps(), run_id, message=_sqs_message(self.request))
+    if outcome == execute.LEASE_LOST:
+        # SPEC §3: only COMMIT acknowledges. Rejected without requeue, the message
+        # stays on the queue (it has a redrive policy), SQS delivers it again
+        # after its visibility timeout, and that delivery finds the run owned by
+        # the sweeps and drops it; after 3 receives it is dead-lettered.
+        raise Reject(f"{run_id}: lease lost before finalize", requeue=False)
+    return outcome
 
 
 def _sqs_message(request) -> tuple[str, str] | None:

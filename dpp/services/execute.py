@@ -20,6 +20,7 @@ from dpp.services.heartbeat import Heartbeat
 log = logging.getLogger(__name__)
 
 PROGRESS_MIN_INTERVAL_SEC = 1.0
+LEASE_LOST = "lease-lost"
 
 
 def execute_run(deps, run_id: str, message: tuple[str, str] | None = None) -> str:
@@ -45,25 +46,25 @@ def execute_run(deps, run_id: str, message: tuple[str, str] | None = None) -> st
             result = pack.run(inputs, _progress_writer(deps, run_id, lease_token, heartbeat))
     except PackStopped:
         log.warning("pack stopped: lease lost", extra={"run_id": run_id})
-        return "lease-lost"
+        return LEASE_LOST
     except Exception as exc:  # the pack's failure is the run's, not the worker's
         log.warning("pack failed", extra={"run_id": run_id, "error": repr(exc)}, exc_info=True)
         try:
             outcome = finalize.fail_started(deps, run_id, lease_token, ErrorCode.PACK_ERROR, f"{type(exc).__name__}: {exc}")
         except LeaseLost as lost:
             log.warning("lease lost before finalize", extra={"run_id": run_id, "error": str(lost)})
-            return "lease-lost"
+            return LEASE_LOST
         return f"failed:{outcome.charge_micros}"
 
     # The heartbeat has stopped (the `with` above) before anything finalizes.
     if heartbeat.lost.is_set():
-        return "lease-lost"
+        return LEASE_LOST
     try:
         outcome = finalize.complete(deps, run_id, lease_token, result)
     except LeaseLost as lost:
         # The lease expired or another worker took over: the sweeps end this run.
         log.warning("lease lost before finalize", extra={"run_id": run_id, "error": str(lost)})
-        return "lease-lost"
+        return LEASE_LOST
     return f"completed:{outcome.charge_micros}"
 
 

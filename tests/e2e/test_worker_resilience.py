@@ -40,7 +40,12 @@ def stack(settings, tmp_path_factory):
     sqs = boto3.client("sqs", region_name=settings.aws_region, endpoint_url=settings.sqs_endpoint_url,
                        aws_access_key_id="testing", aws_secret_access_key="testing")
     name = f"dpp-resilience-{uuid.uuid4().hex[:6]}"
-    queue_url = sqs.create_queue(QueueName=name, Attributes={"VisibilityTimeout": str(VISIBILITY_SEC)})["QueueUrl"]
+    dlq_url = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue_url = sqs.create_queue(QueueName=name, Attributes={
+        "VisibilityTimeout": str(VISIBILITY_SEC),
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"}),
+    })["QueueUrl"]
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -59,10 +64,12 @@ def stack(settings, tmp_path_factory):
     )
     try:
         devstack.wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
-        yield {"url": f"http://127.0.0.1:{port}", "env": env, "logs": logs, "queue_url": queue_url, "sqs": sqs}
+        yield {"url": f"http://127.0.0.1:{port}", "env": env, "logs": logs, "queue_url": queue_url,
+               "dlq_url": dlq_url, "sqs": sqs}
     finally:
         devstack.stop_process(api)
         sqs.delete_queue(QueueUrl=queue_url)
+        sqs.delete_queue(QueueUrl=dlq_url)
 
 
 @pytest.fixture
@@ -217,14 +224,7 @@ def test_one_message_delivered_to_two_workers_at_once_runs_once(stack, deps_fast
     first, second = workers.start("twin-a"), workers.start("twin-b")
     run_id = submit(stack, key, {**SLOW, "inputs": {"seconds": 2}})
     # A second copy of the same message, as SQS's at-least-once delivery may make.
-    producer = Celery("dup", broker=_broker_url(stack), set_as_current=False)
-    producer.conf.broker_transport_options = {
-        "region": "us-east-1", "is_secure": False,
-        "predefined_queues": {stack["env"]["SQS_QUEUE_NAME"]: {
-            "url": stack["queue_url"], "access_key_id": "testing", "secret_access_key": "testing"}},
-    }
-    producer.conf.task_default_queue = stack["env"]["SQS_QUEUE_NAME"]
-    producer.send_task("dpp.execute_run", args=[run_id])
+    producer(stack).send_task("dpp.execute_run", args=[run_id])
 
     logs = lambda: first["log"].read_text() + second["log"].read_text()  # noqa: E731
     wait_for(lambda: "duplicate:" in logs(), 30, "the second copy to be dropped")
@@ -237,11 +237,30 @@ def test_one_message_delivered_to_two_workers_at_once_runs_once(stack, deps_fast
     assert_invariants(deps_fast, [tenant_id])
 
 
-def _broker_url(stack) -> str:
+def producer(stack) -> Celery:
+    """A Celery producer of our own on the stack's queue, for messages the API would not send."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(stack["env"]["SQS_ENDPOINT_URL"])
-    return f"sqs://testing:testing@{parts.hostname}:{parts.port}"
+    app = Celery("producer", broker=f"sqs://testing:testing@{parts.hostname}:{parts.port}", set_as_current=False)
+    app.conf.broker_transport_options = {
+        "region": "us-east-1", "is_secure": False,
+        "predefined_queues": {stack["env"]["SQS_QUEUE_NAME"]: {
+            "url": stack["queue_url"], "access_key_id": "testing", "secret_access_key": "testing"}},
+    }
+    app.conf.task_default_queue = stack["env"]["SQS_QUEUE_NAME"]
+    return app
+
+
+def test_a_message_no_worker_can_handle_is_dead_lettered_after_three_receives(stack, workers):
+    workers.start("poison")
+    producer(stack).send_task("dpp.no_such_task", args=["x"])
+    sqs = stack["sqs"]
+    wait_for(
+        lambda: int(sqs.get_queue_attributes(QueueUrl=stack["dlq_url"], AttributeNames=["ApproximateNumberOfMessages"])
+                    ["Attributes"]["ApproximateNumberOfMessages"]) == 1,
+        5 * VISIBILITY_SEC + 20, "the poison message to reach the dead-letter queue",
+    )
 
 
 def test_two_beats_schedule_only_once(stack, tmp_path):
