@@ -139,6 +139,24 @@ def budget_rebuild(tenant_id: str) -> None:
     click.echo(f"redis available set to {format_usd(books.available)}")
 
 
+@main.command("audit")
+@click.option("--tenant", "tenant_ids", multiple=True, help="Only these tenants (default: all).")
+def audit_cmd(tenant_ids: tuple[str, ...]) -> None:
+    """Prove SPEC §2 invariants 1-3 for every tenant; exit 1 with a report on any violation."""
+    from dpp.services.audit import audit
+
+    report = audit(deps(), list(tenant_ids) or None)
+    click.echo(f"tenants checked  {report.tenants_checked}")
+    click.echo(f"runs checked     {report.runs_checked}")
+    if report.ok:
+        click.echo("invariants 1-3   hold")
+        return
+    click.echo(f"violations       {len(report.violations)}")
+    for violation in report.violations:
+        click.echo(f"  - {violation}")
+    sys.exit(1)
+
+
 client_cli.register(main)  # `dpp submit` / `dpp wait`: the agent client, for humans
 
 

@@ -196,3 +196,25 @@ def test_a_worker_whose_lease_is_gone_does_not_finalize(clean, tenant):
     assert (row.status, row.finalize_stage, row.money_state) == ("PROCESSING", "NONE", "RESERVED")
     assert books(clean, tenant_id).held == 100_000
     assert_invariants(clean)  # in flight: invariant 3 is not asked of it
+
+
+def test_dpp_audit_exits_nonzero_with_a_report_on_drift_and_rebuild_fixes_it(clean, tenant, settings):
+    """The admin CLI as an operator runs it, in a subprocess with the same environment."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tenant_id, _ = tenant
+    dpp_bin = str(Path(sys.executable).parent / "dpp")
+    ok = subprocess.run([dpp_bin, "audit"], capture_output=True, text=True, env=os.environ)
+    assert ok.returncode == 0 and "invariants 1-3   hold" in ok.stdout
+
+    clean.budget.client.incrby(f"budget:{{{tenant_id}}}:balance_usd_micros", 1)  # Redis drifts by a micro
+    drift = subprocess.run([dpp_bin, "audit"], capture_output=True, text=True, env=os.environ)
+    assert drift.returncode == 1 and f"{tenant_id}: redis available 10000001 != ledger available 10000000" in drift.stdout
+
+    rebuilt = subprocess.run([dpp_bin, "budget", "rebuild", "--tenant", tenant_id], capture_output=True, text=True)
+    assert rebuilt.returncode == 0
+    assert subprocess.run([dpp_bin, "audit", "--tenant", tenant_id], capture_output=True, text=True).returncode == 0
+    assert_invariants(clean)
