@@ -88,6 +88,7 @@ beat_schedule = {
     "sweep-expired-leases": {"task": "dpp.sweep_expired_leases", "schedule": float(_s.reaper_interval_sec)},
     "reconcile-stuck": {"task": "dpp.reconcile_stuck", "schedule": float(_s.reconcile_interval_sec)},
     "sweep-stale-queued": {"task": "dpp.sweep_stale_queued", "schedule": float(_s.reaper_interval_sec)},
+    "release-orphan-holds": {"task": "dpp.release_orphan_holds", "schedule": float(_s.reaper_interval_sec)},
     "purge-expired-results": {"task": "dpp.purge_expired_results", "schedule": 3600.0},
     "audit-budgets": {"task": "dpp.audit_budgets", "schedule": 300.0},
     "record-queue-depth": {"task": "dpp.record_queue_depth", "schedule": 15.0},

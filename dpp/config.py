@@ -74,6 +74,7 @@ class Settings:
     reaper_interval_sec: int = 30
     reaper_scan_limit: int = 100
     queued_timeout_sec: int = 1800
+    orphan_hold_grace_sec: int = 120
     reconcile_interval_sec: int = 60
     reconcile_threshold_min: float = 5  # fractions allowed (tests use seconds)
     reconcile_scan_limit: int = 100
@@ -111,6 +112,7 @@ class Settings:
             reaper_interval_sec=_int(env, "REAPER_INTERVAL_SEC", cls.reaper_interval_sec),
             reaper_scan_limit=_int(env, "REAPER_SCAN_LIMIT", cls.reaper_scan_limit),
             queued_timeout_sec=_int(env, "REAPER_QUEUED_TIMEOUT_SEC", cls.queued_timeout_sec),
+            orphan_hold_grace_sec=_int(env, "REAPER_ORPHAN_HOLD_GRACE_SEC", cls.orphan_hold_grace_sec),
             reconcile_interval_sec=_int(env, "RECONCILE_INTERVAL_SEC", cls.reconcile_interval_sec),
             reconcile_threshold_min=_float(env, "RECONCILE_THRESHOLD_MIN", cls.reconcile_threshold_min),
             reconcile_scan_limit=_int(env, "RECONCILE_SCAN_LIMIT", cls.reconcile_scan_limit),

@@ -1,9 +1,12 @@
 """Named fault points on the money path, for fault-injection tests (SPEC §2).
 
-`DPP_FAULTS=after_finalize_claim,after_s3_upload` makes the process SIGKILL
-itself when it reaches one of those points: no cleanup, no `finally`, exactly
-what a power cut or the OOM killer does. Unset (production), a point costs one
-frozenset lookup.
+A point SIGKILLs the process that reaches it: no cleanup, no `finally`, exactly
+what a power cut or the OOM killer does. Two ways to arm one:
+- `DPP_FAULTS=after_finalize_claim,...`: every time the point is reached;
+- `DPP_FAULT_TOKENS=<dir>`: once per token file `<dir>/<point>` — the process
+  that manages to delete it dies, so a restarted process does not die again
+  (the chaos runner arms one token per trial).
+Unset (production), a point costs one frozenset lookup and one None check.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ POINTS = (
     "after_redis_settle",     # Redis receipt written, ledger not committed
     "after_ledger_commit",    # COMMITTED, task not acknowledged
     "sweep_between_read_and_write",
+    "orphan_sweep_between_read_and_write",
 )
 
 _active = frozenset(p.strip() for p in os.environ.get("DPP_FAULTS", "").split(",") if p.strip())
@@ -29,6 +33,23 @@ if unknown:
     raise RuntimeError(f"DPP_FAULTS names unknown fault points: {sorted(unknown)}")
 
 
+_tokens = os.environ.get("DPP_FAULT_TOKENS") or None
+
+
 def fault_point(name: str) -> None:
     if name in _active:
         os.kill(os.getpid(), signal.SIGKILL)
+    if _tokens is not None:
+        try:
+            os.remove(os.path.join(_tokens, name))  # atomic: one process wins the token
+        except FileNotFoundError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(tokens_dir: str, name: str) -> None:
+    """Arm one firing of `name` for processes started with DPP_FAULT_TOKENS=tokens_dir."""
+    if name not in POINTS:
+        raise ValueError(f"unknown fault point {name!r}")
+    with open(os.path.join(tokens_dir, name), "w"):
+        pass

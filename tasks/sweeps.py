@@ -35,6 +35,11 @@ def sweep_stale_queued() -> dict:
     return sweeps.sweep_stale_queued(deps()).as_dict()
 
 
+@app.task(name="dpp.release_orphan_holds")
+def release_orphan_holds() -> dict:
+    return sweeps.release_orphan_holds(deps()).as_dict()
+
+
 @app.task(name="dpp.purge_expired_results")
 def purge_expired_results() -> dict:
     return sweeps.purge_expired_results(deps()).as_dict()

@@ -129,6 +129,21 @@ class RedisBudget:
         raw = self.client.hget(reserve_key(tenant_id, run_id), "amount")
         return None if raw is None else int(raw)
 
+    def holds(self) -> "list[tuple[str, str, int, int]]":
+        """Every live hold: (tenant_id, run_id, amount, reserved_at_ms). SCAN, never KEYS.
+
+        On a cluster redis-py's scan_iter visits every primary.
+        """
+        found = []
+        for key in self.client.scan_iter(match="reserve:{*}:*", count=500):
+            key = key.decode() if isinstance(key, bytes) else key
+            tenant_id = key[key.index("{") + 1:key.index("}")]
+            run_id = key[key.index("}") + 2:]
+            raw = self.client.hmget(key, "amount", "reserved_at")
+            if raw[0] is not None:
+                found.append((tenant_id, run_id, int(raw[0]), int(raw[1] or 0)))
+        return found
+
     def receipt(self, tenant_id: str, run_id: str) -> dict | None:
         raw = self.client.hgetall(receipt_key(tenant_id, run_id))
         return {k.decode(): int(v) for k, v in raw.items()} or None

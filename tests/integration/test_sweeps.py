@@ -215,3 +215,22 @@ def test_sweep_queries_use_partial_indexes_not_a_scan_of_all_runs(clean, builder
         plan = "\n".join(r[0] for r in s.execute(text(f"EXPLAIN {compiled}")))
     assert "Seq Scan on runs" not in plan, plan
     assert "Index" in plan, plan
+
+
+def test_a_hold_whose_run_was_never_recorded_is_released_after_the_grace(fast, tenant):
+    """The API died between the Redis hold and the run row (fault point after_reserve)."""
+    tenant_id, key = tenant
+    (recorded,) = submitted(fast, key)  # a live, recorded hold: never touched
+    fast.budget.reserve(tenant_id, "00000000-0000-0000-0000-00000000dead", 300_000)
+    assert fast.budget.available(tenant_id) == 10_000_000 - 500_000 - 300_000
+
+    patient = Deps(dataclasses.replace(fast.settings, orphan_hold_grace_sec=3600))
+    assert sweeps.release_orphan_holds(patient).claimed == 0  # too young to judge
+
+    eager = Deps(dataclasses.replace(fast.settings, orphan_hold_grace_sec=0))
+    report = sweeps.release_orphan_holds(eager)
+    assert report.actions == {"00000000-0000-0000-0000-00000000dead": "released:300000"}
+    assert fast.budget.available(tenant_id) == 10_000_000 - 500_000
+    assert fast.budget.reservation(tenant_id, recorded) == 500_000
+    execute.execute_run(fast, recorded)
+    assert_invariants(fast)
