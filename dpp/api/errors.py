@@ -91,7 +91,8 @@ def _http(exc: HTTPException):
         for location_errors in messages.values():
             if isinstance(location_errors, dict):
                 fields.update(location_errors)
-        return problem(422, "validation", "Validation failed", "The request body is invalid.", errors=fields)
+        where = " and ".join(sorted(k if k != "json" else "body" for k in messages)) or "request"
+        return problem(422, "validation", "Validation failed", f"The request's {where} is invalid.", errors=fields)
     slug = (exc.name or "error").lower().replace(" ", "-")
     detail = (getattr(exc, "data", None) or {}).get("message") or exc.description or ""
     headers = {}

@@ -162,7 +162,6 @@ IDEMPOTENCY_KEY = {
     "description": "1-255 printable ASCII characters, no spaces. The same key with the same payload "
                    "replays the original answer; with another payload it is a 409.",
     "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
-    "example": "9b2f6c1e-7d1a-4c55-9a51-0d3e3c6f2a10",
 }
 
 RUN_EXAMPLE = {
@@ -215,8 +214,9 @@ def document_errors(api) -> None:
                         "type": "object", "description": "The run's `pack_envelope.json`, byte for byte."}}}
             statuses = sorted({*_AUTH_ERRORS, *_ALWAYS, *extra})
             for status in statuses:
-                if status == 409:
-                    responses["409"] = {**_error_response(409), "description": _CONFLICT.get((path, method), "Conflict.")}
+                if status == 409:  # its meaning differs per operation: inline, with its own description
+                    description = _CONFLICT.get((path, method), "Conflict.")
+                    responses["409"] = {**_error_response(409), "description": description}
                 else:
                     responses[str(status)] = {"$ref": f"#/components/responses/{_response_name(status)}"}
                     used.add(status)

@@ -36,6 +36,10 @@ def _before():
         g.idempotency_key = _idempotency_key()
         if not request.is_json:
             abort(415, message="POST /v1/runs takes application/json.")
+        try:
+            request.get_json()  # parsed once here, cached for the view
+        except RecursionError:
+            abort(400, message="The JSON body is nested too deeply.")
 
 
 @blp.after_request

@@ -1,7 +1,7 @@
 """Request and response schemas (marshmallow); OpenAPI is generated from them."""
 from __future__ import annotations
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from dpp.domain.errors import InvalidMoney
 from dpp.domain.money import parse_usd
@@ -27,6 +27,38 @@ class RunCreate(Schema):
     pack_type = fields.String(required=True, validate=validate.Length(min=1, max=64))
     inputs = fields.Dict(required=True)
     max_cost_usd = Money(required=True, metadata={"type": "string", "example": "0.50"})
+
+    @validates_schema
+    def _storable_text(self, data, **kwargs):
+        # PostgreSQL's JSONB refuses U+0000 and UTF-8 cannot encode a lone
+        # surrogate: either would fail deep in the submission (as a 500, or a
+        # 503 an agent retries forever). Refuse them here, where they are a 422.
+        for path, text in _strings({"pack_type": data.get("pack_type"), "inputs": data.get("inputs")}):
+            if "\x00" in text or not _encodable(text):
+                raise ValidationError({path: ["must not contain U+0000 or unpaired surrogates"]})
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _strings(value, path: str = ""):
+    """Every string in a JSON value, keys included, with its field path."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str):
+                yield sub, key
+            yield from _strings(item, sub)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _strings(item, f"{path}[{i}]")
 
 
 class RunCreated(Schema):

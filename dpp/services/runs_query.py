@@ -30,13 +30,13 @@ def _encode_cursor(kind: str, values: list) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(kind: str, cursor: str) -> list:
+def _decode_cursor(kind: str, cursor: str, arity: int) -> list:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         decoded = json.loads(raw)
     except (ValueError, json.JSONDecodeError) as exc:
         raise BadCursor("cursor is not valid") from exc
-    if not isinstance(decoded, list) or not decoded or decoded[0] != kind:
+    if not isinstance(decoded, list) or len(decoded) != arity + 1 or decoded[0] != kind:
         raise BadCursor("cursor is not valid for this listing")
     return decoded[1:]
 
@@ -98,7 +98,9 @@ def list_runs(deps, tenant_id: str, *, status: str | None, limit: int, cursor: s
     if status:
         stmt = stmt.where(orm.Run.status == status)
     if cursor:
-        created_iso, run_id = _decode_cursor("runs", cursor)
+        created_iso, run_id = _decode_cursor("runs", cursor, 2)
+        if not isinstance(created_iso, str) or not isinstance(run_id, str):
+            raise BadCursor("cursor is not valid")
         try:
             after = (datetime.fromisoformat(created_iso), uuid.UUID(run_id))
         except (TypeError, ValueError) as exc:
@@ -159,8 +161,8 @@ def statement(deps, tenant_id: str, *, limit: int, cursor: str | None) -> Page:
     """The tenant's transfers, newest first (keyset on the BIGINT id)."""
     stmt = select(orm.LedgerTransfer).where(orm.LedgerTransfer.tenant_id == tenant_id)
     if cursor:
-        (before,) = _decode_cursor("ledger", cursor)
-        if not isinstance(before, int):
+        (before,) = _decode_cursor("ledger", cursor, 1)
+        if not isinstance(before, int) or isinstance(before, bool):
             raise BadCursor("cursor is not valid")
         stmt = stmt.where(orm.LedgerTransfer.id < before)
     stmt = stmt.order_by(orm.LedgerTransfer.id.desc()).limit(limit + 1)

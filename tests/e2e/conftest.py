@@ -29,6 +29,8 @@ def platform(settings, tmp_path_factory):
         "DPP_EXTRA_PACKS": "tests.support.packs:BoomPack,tests.support.packs:SlowPack",
         "PYTHONPATH": str(ROOT),
         "CORS_ALLOWED_ORIGINS": "https://agent.example",
+        # Two gunicorn workers: /metrics must aggregate both (multiprocess mode).
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("prometheus")),
     }
     api = devstack.start_process(
         [str(BIN / "gunicorn"), "-b", f"127.0.0.1:{port}", "-w", "2", "dpp.api:create_app()"],

@@ -171,3 +171,30 @@ def test_the_openapi_document_and_swagger_ui_are_served(platform):
     assert doc["openapi"].startswith("3.1")
     assert {"/v1/runs", "/v1/runs/{run_id}", "/v1/runs/{run_id}/result", "/v1/balance", "/v1/usage", "/v1/ledger"} <= doc["paths"].keys()
     assert requests.get(f"{platform['url']}/docs", timeout=5).status_code == 200
+
+
+def test_crafted_cursors_and_hostile_json_are_client_errors_not_5xx(platform, tenant, clean):
+    """Found by probing beside the schemathesis run: each was a 500 or a 503."""
+    import base64
+    import json as jsonlib
+
+    _, key = tenant
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def cursor(value):
+        return base64.urlsafe_b64encode(jsonlib.dumps(value).encode()).decode().rstrip("=")
+
+    for path, value in (("/v1/runs", ["runs"]), ("/v1/runs", ["runs", "a", "b", "c"]),
+                        ("/v1/runs", ["runs", "2020-01-01T00:00:00+00:00", 5]),
+                        ("/v1/ledger", ["ledger"]), ("/v1/ledger", ["ledger", 1, 2]), ("/v1/ledger", ["ledger", True])):
+        r = requests.get(f"{platform['url']}{path}", params={"cursor": cursor(value)}, headers=auth, timeout=5)
+        assert r.status_code == 400, (path, value, r.text)
+
+    submit = {**auth, "Idempotency-Key": "hostile", "Content-Type": "application/json"}
+    for question in ("a\u0000b", "\ud800"):
+        body = jsonlib.dumps({"pack_type": "decision", "inputs": {"question": question}, "max_cost_usd": "0.50"})
+        r = requests.post(f"{platform['url']}/v1/runs", data=body.encode("utf-8", "surrogatepass"), headers=submit, timeout=10)
+        assert r.status_code == 422 and "inputs.question" in r.json()["errors"], r.text
+    r = requests.post(f"{platform['url']}/v1/runs", data="[" * 100_000, headers=submit, timeout=10)
+    assert r.status_code == 400 and r.headers["Content-Type"].startswith("application/problem+json")
+    assert_invariants(clean)
