@@ -14,13 +14,14 @@ _s = get_settings()
 
 
 def _broker_url() -> str:
+    # `dppsqs` is kombu's SQS transport with our fixes (dpp/adapters/kombu_sqs.py).
     if not _s.sqs_endpoint_url:
-        return "sqs://"  # real AWS: region from transport options, credentials from the chain
+        return "dppsqs://"  # real AWS: region from transport options, credentials from the chain
     parts = urlsplit(_s.sqs_endpoint_url)
     creds = _s.aws_credentials(_s.sqs_endpoint_url)
     auth = f"{creds['aws_access_key_id']}:{creds['aws_secret_access_key']}@" if creds else ""
     port = f":{parts.port}" if parts.port else ""
-    return f"sqs://{auth}{parts.hostname}{port}"
+    return f"dppsqs://{auth}{parts.hostname}{port}"
 
 
 broker_url = _broker_url()
@@ -32,6 +33,15 @@ broker_transport_options = {
     "visibility_timeout": _s.worker_visibility_timeout_sec or max(2 * _s.worker_lease_ttl_sec, 30),
     "wait_time_seconds": 5,
     "polling_interval": 0.1,
+    # botocore's defaults (60 s connect and read, 3 attempts) held POST /v1/runs
+    # for 6 minutes on a hung SQS endpoint: the agent got no answer while the
+    # run held its reservation. Fail fast instead: the API answers 503 and gives
+    # the money back. read_timeout must stay above wait_time_seconds.
+    "client-config": {
+        "connect_timeout": 2,
+        "read_timeout": 6,
+        "retries": {"mode": "standard", "total_max_attempts": 1},
+    },
 }
 if _s.sqs_queue_url:
     # Predefined: kombu neither lists nor creates queues, so the DLQ redrive set
@@ -90,7 +100,7 @@ beat_schedule = {
     "sweep-stale-queued": {"task": "dpp.sweep_stale_queued", "schedule": float(_s.reaper_interval_sec)},
     "release-orphan-holds": {"task": "dpp.release_orphan_holds", "schedule": float(_s.reaper_interval_sec)},
     "purge-expired-results": {"task": "dpp.purge_expired_results", "schedule": 3600.0},
-    "audit-budgets": {"task": "dpp.audit_budgets", "schedule": 300.0},
+    "audit-budgets": {"task": "dpp.audit_budgets", "schedule": float(_s.audit_interval_sec)},
     "record-queue-depth": {"task": "dpp.record_queue_depth", "schedule": 15.0},
 }
 # A sweep that waited behind a backlog longer than its own interval is stale:

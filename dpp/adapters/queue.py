@@ -21,6 +21,9 @@ class CeleryQueue:
                 args=[run_id],
                 task_id=run_id,
                 headers={"trace_id": trace_id},
+                # Runs keep no Celery result; without this every publish would
+                # subscribe to the result backend and put Redis on the enqueue path.
+                ignore_result=True,
             )
         except Exception as exc:  # kombu/boto raise many types; all mean "not enqueued"
             log.warning("enqueue failed", extra={"run_id": run_id, "error": repr(exc)})

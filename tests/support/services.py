@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -88,7 +89,16 @@ class PrivateMoto:
                 raise RuntimeError(f"private moto_server on {self.port} did not come up")
         return self
 
+    def freeze(self) -> None:
+        """SIGSTOP: the port still accepts connections (kernel backlog), nothing answers."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        self.thaw()  # a stopped process would only take SIGTERM once continued
         if self.proc is not None and self.proc.poll() is None:
             devstack.stop_process(self.proc)
         deadline = time.monotonic() + 10
@@ -132,13 +142,15 @@ def private_moto(log_dir: Path):
 
 
 @contextmanager
-def gunicorn(env_overrides: dict, log_path: Path, workers: int = 1):
-    """The API on a free port, env = os.environ + overrides; yields its base URL; stopped by PID."""
+def gunicorn(env_overrides: dict, log_path: Path, workers: int = 1, extra_args: tuple = ()):
+    """The API on a free port, env = os.environ + overrides; yields its base URL; stopped by PID.
+
+    Like the Dockerfile and the chart: sync workers, gunicorn's default 30 s worker timeout.
+    """
     port = devstack.free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env_overrides}
     proc = devstack.start_process(
-        [BIN / "gunicorn", "-b", f"127.0.0.1:{port}", "-w", str(workers), "--timeout", "60",
-         "dpp.api:create_app()"],
+        [BIN / "gunicorn", "-b", f"127.0.0.1:{port}", "-w", str(workers), *extra_args, "dpp.api:create_app()"],
         env=env, log_path=log_path,
     )
     try:
