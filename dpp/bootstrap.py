@@ -27,7 +27,7 @@ class Deps:
     def budget(self):
         from dpp.adapters.budget import RedisBudget
 
-        return RedisBudget.from_url(self.settings.redis_url)
+        return RedisBudget.from_url(self.settings.redis_url, cluster=self.settings.redis_cluster)
 
     @cached_property
     def rate_limiter(self):

@@ -5,6 +5,9 @@ Tasks live in the top-level `tasks/` package as thin wrappers over services.
 from celery import Celery
 from celery.signals import setup_logging
 
+from dpp.adapters import kombu_sqs
+
+kombu_sqs.register()  # before any connection: the broker URL's scheme is ours
 app = Celery("dpp", include=["tasks.runs", "tasks.sweeps"])
 app.config_from_object("celeryconfig")
 

@@ -58,6 +58,7 @@ class Settings:
     database_url_migrations: str | None = None
     db_pool: str = "queuepool"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
     aws_region: str = "us-east-1"
     sqs_endpoint_url: str | None = None
     sqs_queue_name: str = "dpp-runs"
@@ -75,6 +76,7 @@ class Settings:
     reaper_scan_limit: int = 100
     queued_timeout_sec: int = 1800
     orphan_hold_grace_sec: int = 120
+    audit_interval_sec: int = 300
     reconcile_interval_sec: int = 60
     reconcile_threshold_min: float = 5  # fractions allowed (tests use seconds)
     reconcile_scan_limit: int = 100
@@ -95,6 +97,7 @@ class Settings:
             database_url_migrations=env.get("DATABASE_URL_MIGRATIONS") or None,
             db_pool=env.get("DPP_DB_POOL", cls.db_pool),
             redis_url=env.get("REDIS_URL", cls.redis_url),
+            redis_cluster=_bool(env, "DPP_REDIS_CLUSTER", False),
             aws_region=env.get("AWS_REGION", cls.aws_region),
             sqs_endpoint_url=env.get("SQS_ENDPOINT_URL") or None,
             sqs_queue_name=env.get("SQS_QUEUE_NAME", cls.sqs_queue_name),
@@ -113,6 +116,7 @@ class Settings:
             reaper_scan_limit=_int(env, "REAPER_SCAN_LIMIT", cls.reaper_scan_limit),
             queued_timeout_sec=_int(env, "REAPER_QUEUED_TIMEOUT_SEC", cls.queued_timeout_sec),
             orphan_hold_grace_sec=_int(env, "REAPER_ORPHAN_HOLD_GRACE_SEC", cls.orphan_hold_grace_sec),
+            audit_interval_sec=_int(env, "AUDIT_INTERVAL_SEC", cls.audit_interval_sec),
             reconcile_interval_sec=_int(env, "RECONCILE_INTERVAL_SEC", cls.reconcile_interval_sec),
             reconcile_threshold_min=_float(env, "RECONCILE_THRESHOLD_MIN", cls.reconcile_threshold_min),
             reconcile_scan_limit=_int(env, "RECONCILE_SCAN_LIMIT", cls.reconcile_scan_limit),

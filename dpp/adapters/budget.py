@@ -29,6 +29,10 @@ def receipt_key(tenant_id: str, run_id: str) -> str:
     return f"settle_receipt:{{{tenant_id}}}:{run_id}"
 
 
+def holds_key(tenant_id: str) -> str:
+    return f"holds:{{{tenant_id}}}"
+
+
 def _load(name: str) -> str:
     return resources.files("dpp.adapters").joinpath("lua", f"{name}.lua").read_text()
 
@@ -71,7 +75,13 @@ class RedisBudget:
         self._credit = client.register_script(_load("credit"))
 
     @classmethod
-    def from_url(cls, url: str) -> "RedisBudget":
+    def from_url(cls, url: str, cluster: bool = False) -> "RedisBudget":
+        if cluster:
+            # Redis Cluster / Valkey Serverless: every script's keys share one
+            # {tenant} slot, so redis-py routes each call to a single node.
+            from redis.cluster import RedisCluster
+
+            return cls(RedisCluster.from_url(url, socket_connect_timeout=2, socket_timeout=2))
         return cls(
             redis.Redis.from_url(
                 url, socket_connect_timeout=2, socket_timeout=2, health_check_interval=30
@@ -87,8 +97,9 @@ class RedisBudget:
     def reserve(self, tenant_id: str, run_id: str, amount_micros: int) -> ReserveOutcome:
         code, balance, amount = self._call(
             self._reserve,
-            [balance_key(tenant_id), reserve_key(tenant_id, run_id), receipt_key(tenant_id, run_id)],
-            [amount_micros, _now_ms()],
+            [balance_key(tenant_id), reserve_key(tenant_id, run_id), receipt_key(tenant_id, run_id),
+             holds_key(tenant_id)],
+            [amount_micros, _now_ms(), run_id],
         )
         if code == -3:
             raise BudgetMissing(tenant_id)
@@ -99,8 +110,9 @@ class RedisBudget:
     def settle(self, tenant_id: str, run_id: str, charge_micros: int) -> Receipt:
         code, charge, release, settled_at = self._call(
             self._settle,
-            [balance_key(tenant_id), reserve_key(tenant_id, run_id), receipt_key(tenant_id, run_id)],
-            [charge_micros, _now_ms(), RECEIPT_TTL_SEC],
+            [balance_key(tenant_id), reserve_key(tenant_id, run_id), receipt_key(tenant_id, run_id),
+             holds_key(tenant_id)],
+            [charge_micros, _now_ms(), RECEIPT_TTL_SEC, run_id],
         )
         return Receipt(
             charge_micros=int(charge),
@@ -111,7 +123,9 @@ class RedisBudget:
         )
 
     def release(self, tenant_id: str, run_id: str) -> int:
-        return int(self._call(self._release, [balance_key(tenant_id), reserve_key(tenant_id, run_id)], []))
+        return int(self._call(
+            self._release, [balance_key(tenant_id), reserve_key(tenant_id, run_id), holds_key(tenant_id)], [run_id]
+        ))
 
     def credit(self, tenant_id: str, amount_micros: int, ledger_available_micros: int) -> int:
         return int(
@@ -129,20 +143,21 @@ class RedisBudget:
         raw = self.client.hget(reserve_key(tenant_id, run_id), "amount")
         return None if raw is None else int(raw)
 
-    def holds(self) -> "list[tuple[str, str, int, int]]":
-        """Every live hold: (tenant_id, run_id, amount, reserved_at_ms). SCAN, never KEYS.
+    def holds(self, tenant_id: str) -> "list[tuple[str, int, int]]":
+        """The tenant's live holds: (run_id, amount, reserved_at_ms).
 
-        On a cluster redis-py's scan_iter visits every primary.
+        Read from the tenant's `holds:{tenant}` set (kept by the scripts), so no
+        keyspace scan is needed, on one node or a cluster.
         """
-        found = []
-        for key in self.client.scan_iter(match="reserve:{*}:*", count=500):
-            key = key.decode() if isinstance(key, bytes) else key
-            tenant_id = key[key.index("{") + 1:key.index("}")]
-            run_id = key[key.index("}") + 2:]
-            raw = self.client.hmget(key, "amount", "reserved_at")
-            if raw[0] is not None:
-                found.append((tenant_id, run_id, int(raw[0]), int(raw[1] or 0)))
-        return found
+        try:
+            members = sorted(m.decode() for m in self.client.smembers(holds_key(tenant_id)))
+            pipe = self.client.pipeline(transaction=False)
+            for run_id in members:
+                pipe.hmget(reserve_key(tenant_id, run_id), "amount", "reserved_at")
+            rows = pipe.execute() if members else []
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise DependencyUnavailable("redis", str(exc)) from exc
+        return [(run_id, int(amount), int(at or 0)) for run_id, (amount, at) in zip(members, rows) if amount is not None]
 
     def receipt(self, tenant_id: str, run_id: str) -> dict | None:
         raw = self.client.hgetall(receipt_key(tenant_id, run_id))
@@ -156,8 +171,10 @@ class RedisBudget:
         """
         pipe = self.client.pipeline(transaction=True)
         pipe.set(balance_key(tenant_id), available_micros)
+        pipe.delete(holds_key(tenant_id))
         for run_id, amount in reservations.items():
             pipe.hset(reserve_key(tenant_id, run_id), mapping={"amount": amount, "reserved_at": _now_ms()})
+            pipe.sadd(holds_key(tenant_id), run_id)
         pipe.execute()
 
     def ping(self) -> bool:

@@ -88,10 +88,23 @@ def _tenant(session, deps, tenant_id: str, report: AuditReport, check_redis: boo
         if r["money"] == "AUDIT_REQUIRED":
             report.violations.append(f"{tenant_id}/{run_id}: AUDIT_REQUIRED")
 
-    # Invariant 3: only meaningful when nothing is in flight for the tenant.
+    # Invariant 3: only meaningful when nothing is in flight for the tenant —
+    # including a submission between its Redis hold and its ledger record,
+    # which only the Redis holds set shows.
+    if check_redis and in_flight == 0:
+        in_flight = sum(1 for run_id, _, _ in deps.budget.holds(tenant_id) if _uuid(run_id) not in runs)
     if check_redis and in_flight == 0:
         mirror = deps.budget.available(tenant_id)
         if mirror != cached.available:
             report.violations.append(
                 f"{tenant_id}: redis available {mirror} != ledger available {cached.available}"
             )
+
+
+def _uuid(value: str):
+    import uuid
+
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return value

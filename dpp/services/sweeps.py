@@ -208,7 +208,14 @@ def release_orphan_holds(deps) -> SweepReport:
     report = SweepReport("release_orphan_holds")
     grace_ms = deps.settings.orphan_hold_grace_sec * 1000
     now_ms = int(time.time() * 1000)
-    candidates = [h for h in deps.budget.holds() if now_ms - h[3] >= grace_ms]
+    with deps.db.transaction() as session:
+        tenant_ids = list(session.execute(select(orm.Tenant.id)).scalars())
+    candidates = [
+        (tenant_id, run_id, amount, at)
+        for tenant_id in tenant_ids
+        for run_id, amount, at in deps.budget.holds(tenant_id)
+        if now_ms - at >= grace_ms
+    ]
     if not candidates:
         return report
     with deps.db.transaction() as session:
@@ -248,7 +255,21 @@ def purge_expired_results(deps) -> SweepReport:
 
 
 def audit_budgets(deps) -> dict:
-    """Invariants 1-3 for every tenant; any violation is a CRITICAL alert."""
+    """Invariants 1-3 for every tenant; any violation is a CRITICAL alert.
+
+    A tenant whose Redis mirror is *missing* (Redis restarted without its data)
+    is rebuilt from the ledger first: that is a known loss with one right
+    answer, not a contradiction. A mirror that is present and wrong is only
+    reported — somebody must find out why before anything rewrites it.
+    """
+    restored = []
+    with deps.db.transaction() as session:
+        tenant_ids = list(session.execute(select(orm.Tenant.id)).scalars())
+    for tenant_id in tenant_ids:
+        if deps.budget.available(tenant_id) is None:
+            ledger.rebuild(deps, tenant_id)
+            restored.append(tenant_id)
+            log.warning("redis budget mirror was missing; rebuilt from the ledger", extra={"tenant_id": tenant_id})
     result = audit(deps)
     for violation in result.violations:
         log.critical("budget audit violation: %s", violation,
@@ -257,6 +278,7 @@ def audit_budgets(deps) -> dict:
     return {
         "tenants_checked": result.tenants_checked,
         "runs_checked": result.runs_checked,
+        "mirrors_restored": restored,
         "ok": result.ok,
         "violations": result.violations,
     }

@@ -2,7 +2,8 @@
 -- KEYS[1] budget:{tenant}:balance_usd_micros
 -- KEYS[2] reserve:{tenant}:{run}
 -- KEYS[3] settle_receipt:{tenant}:{run}
--- ARGV[1] amount (micros)   ARGV[2] now (unix ms)
+-- KEYS[4] holds:{tenant}   (the set of the tenant's live holds, by run id)
+-- ARGV[1] amount (micros)   ARGV[2] now (unix ms)   ARGV[3] run id
 -- Every key shares the {tenant} hash tag, so a cluster runs this on one slot.
 -- Returns {code, balance, amount}:
 --   1 reserved (or already reserved: the same reservation, nothing moved twice)
@@ -26,4 +27,5 @@ if balance < amount then
 end
 balance = redis.call('DECRBY', KEYS[1], amount)
 redis.call('HSET', KEYS[2], 'amount', amount, 'reserved_at', ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[3])
 return {1, balance, amount}

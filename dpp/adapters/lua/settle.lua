@@ -2,7 +2,8 @@
 -- KEYS[1] budget:{tenant}:balance_usd_micros
 -- KEYS[2] reserve:{tenant}:{run}
 -- KEYS[3] settle_receipt:{tenant}:{run}
--- ARGV[1] charge wanted (micros)  ARGV[2] now (unix ms)  ARGV[3] receipt TTL (s)
+-- KEYS[4] holds:{tenant}
+-- ARGV[1] charge wanted (micros)  ARGV[2] now (unix ms)  ARGV[3] receipt TTL (s)  ARGV[4] run id
 -- Idempotent: a second settle returns the first receipt and moves nothing.
 -- Returns {code, charge, release, settled_at}:
 --   1 settled now   2 replay of an earlier settlement
@@ -24,6 +25,7 @@ if release > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('INCRBY', KEYS[1], release)
 end
 redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[4], ARGV[4])
 redis.call('HSET', KEYS[3], 'charge', charge, 'release', release, 'settled_at', ARGV[2])
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))
 return {1, charge, release, tonumber(ARGV[2])}
