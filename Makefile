@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv run test unit services stop clean
+.PHONY: venv run test unit services stop clean chaos
 
 venv: $(STAMP)
 
@@ -44,3 +44,9 @@ stop:
 clean:
 	-$(PYTHON) scripts/devstack.py stop
 	rm -rf .local build
+
+# Fault injection against the real platform (private PostgreSQL, Redis, moto):
+# CHAOS_TRIALS trials per fault point; report in build/chaos-report.json.
+CHAOS_TRIALS ?= 30
+chaos: venv
+	$(PY) scripts/chaos.py --trials $(CHAOS_TRIALS)
