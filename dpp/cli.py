@@ -157,6 +157,33 @@ def audit_cmd(tenant_ids: tuple[str, ...]) -> None:
     sys.exit(1)
 
 
+@main.command("verify")
+@click.argument("envelope_file", type=click.Path(dir_okay=False, allow_dash=True))
+def verify_cmd(envelope_file: str) -> None:
+    """Check a pack_envelope.json's signature; exit 0 if intact, 1 saying why if not.
+
+    The key comes from DPP_SIGNING_KEY / DPP_SIGNING_KEY_ID (the development key
+    when unset, so a proof from `make run` verifies out of the box).
+    """
+    import json
+
+    from dpp.config import get_settings
+    from dpp.domain import proof
+
+    try:
+        with click.open_file(envelope_file, "rb") as handle:
+            document = json.loads(handle.read())
+    except (OSError, ValueError) as exc:
+        click.echo(f"INVALID: cannot read {envelope_file}: {exc}", err=True)
+        sys.exit(1)
+    key, key_id = get_settings().signing
+    verdict = proof.verify(document, {key_id: key})
+    if not verdict.ok:
+        click.echo(f"INVALID: {verdict.reason}", err=True)
+        sys.exit(1)
+    click.echo(f"OK: {verdict.reason}; run {document.get('run_id')}, input_hash {document.get('input_hash')}")
+
+
 client_cli.register(main)  # `dpp submit` / `dpp wait`: the agent client, for humans
 
 

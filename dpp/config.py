@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 # moto accepts any credentials; these are used only when the endpoint is loopback.
 STATIC_TEST_ACCESS_KEY = "testing"
 STATIC_TEST_SECRET_KEY = "testing"
+# Public on purpose: proofs signed with it prove nothing outside development.
+DEVELOPMENT_SIGNING_KEY = b"dpp-development-signing-key-not-secret"
 
 
 def _int(env: dict, name: str, default: int) -> int:
@@ -83,6 +85,10 @@ class Settings:
     billing_preflight_required: bool = False
     presign_ttl_sec: int = 900
     extra_packs: tuple[str, ...] = field(default_factory=tuple)
+    # Signs decision proofs. Development falls back to a published key so that
+    # `make run` works; production refuses to start without a real one.
+    signing_key: str | None = None
+    signing_key_id: str = "dev"
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
 
@@ -123,9 +129,18 @@ class Settings:
             billing_preflight_required=_bool(env, "DPP_BILLING_PREFLIGHT_REQUIRED", False),
             presign_ttl_sec=_int(env, "DPP_PRESIGN_TTL_SEC", cls.presign_ttl_sec),
             extra_packs=packs,
+            signing_key=env.get("DPP_SIGNING_KEY") or None,
+            signing_key_id=env.get("DPP_SIGNING_KEY_ID") or "dev",
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
             aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
         )
+
+    @property
+    def signing(self) -> tuple[bytes, str]:
+        """(key, key id) for decision proofs."""
+        if self.signing_key:
+            return self.signing_key.encode(), self.signing_key_id
+        return DEVELOPMENT_SIGNING_KEY, "dev"
 
     @property
     def migrations_url(self) -> str:
@@ -153,6 +168,8 @@ class Settings:
                 raise RuntimeError(f"DPP_ENV=production refuses loopback endpoint {name}={url}")
         if self.aws_access_key_id in (STATIC_TEST_ACCESS_KEY,):
             raise RuntimeError("DPP_ENV=production refuses static test AWS keys")
+        if not self.signing_key or self.signing_key_id == "dev":
+            raise RuntimeError("DPP_ENV=production needs DPP_SIGNING_KEY and DPP_SIGNING_KEY_ID (not 'dev')")
         test_packs = [p for p in self.extra_packs if p.startswith("tests.")]
         if test_packs:
             raise RuntimeError(f"DPP_ENV=production refuses test-only packs: {test_packs}")

@@ -6,7 +6,7 @@ from flask_cors import CORS
 from flask_smorest import Api
 
 from dpp import __version__
-from dpp.api import account, context, errors, health, runs
+from dpp.api import account, context, errors, health, packs, runs
 from dpp.api.openapi import document_errors
 from dpp.config import get_settings
 from dpp.logs import configure_logging
@@ -32,6 +32,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     api = Api(app)
     api.register_blueprint(runs.blp)
     api.register_blueprint(account.blp)
+    api.register_blueprint(packs.blp)
     document_errors(api)  # problem+json errors, auth and headers in /openapi.json
     app.register_blueprint(health.blp)
     app.before_request(context.begin_request)

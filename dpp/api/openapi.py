@@ -177,6 +177,8 @@ RUN_EXAMPLE = {
 
 
 _METHODS = frozenset({"get", "put", "post", "delete", "patch", "head", "options"})
+# Operations anyone may call: no key, so no 401/403 and no security requirement.
+PUBLIC = frozenset({("/v1/packs", "get")})
 
 
 def _is_error(status: str) -> bool:
@@ -212,7 +214,8 @@ def document_errors(api) -> None:
                 if (path, method) == ("/v1/runs/{run_id}/result", "get") and "content" not in response:
                     response["content"] = {"application/json": {"schema": {
                         "type": "object", "description": "The run's `pack_envelope.json`, byte for byte."}}}
-            statuses = sorted({*_AUTH_ERRORS, *_ALWAYS, *extra})
+            public = (path, method) in PUBLIC
+            statuses = sorted({*(() if public else _AUTH_ERRORS), *_ALWAYS, *extra})
             for status in statuses:
                 if status == 409:  # its meaning differs per operation: inline, with its own description
                     description = _CONFLICT.get((path, method), "Conflict.")
@@ -220,7 +223,7 @@ def document_errors(api) -> None:
                 else:
                     responses[str(status)] = {"$ref": f"#/components/responses/{_response_name(status)}"}
                     used.add(status)
-            operation["security"] = [{SECURITY_SCHEME: []}]
+            operation["security"] = [] if public else [{SECURITY_SCHEME: []}]
             if (path, method) == ("/v1/runs", "post"):
                 params = operation.setdefault("parameters", [])
                 if not any(p.get("name") == "Idempotency-Key" for p in params if isinstance(p, dict)):

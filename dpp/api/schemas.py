@@ -157,3 +157,15 @@ class BalanceView(Schema):
     available_usd = fields.String()
     held_usd = fields.String()
     spent_usd = fields.String()
+
+
+class PackView(Schema):
+    pack_type = fields.String()
+    version = fields.String()
+    description = fields.String()
+    price = fields.Dict(metadata={"description": "Formula and figures; amounts in USD micros"})
+    input_schema = fields.Dict(metadata={"description": "JSON Schema of the pack's inputs"})
+
+
+class PackList(Schema):
+    items = fields.List(fields.Nested(PackView))

@@ -16,6 +16,7 @@ from datetime import timedelta
 from dpp import metrics
 from dpp.adapters.repository import RunRepository, record_usage, snapshot, utcnow
 from dpp.adapters.results import result_key
+from dpp.domain import proof
 from dpp.domain import runs as machine
 from dpp.domain.canonical import canonical_json, sha256_hex
 from dpp.domain.errors import InvalidTransition, LeaseLost
@@ -53,20 +54,24 @@ def claim(deps, run_id: str, lease_token: str) -> None:
             raise LeaseLost("run changed under the finalize claim")
 
 
-def envelope(row, result: PackResult) -> bytes:
-    """The stored result: canonical JSON, so its bytes (and hash) are stable."""
-    return canonical_json(
-        {
-            "envelope_version": "1",
-            "run_id": str(row.id),
-            "tenant_id": row.tenant_id,
-            "pack_type": row.pack_type,
-            "pack_version": row.pack_version,
-            "input_hash": sha256_hex(row.inputs),
-            "result": result.output,
-            "actual_cost_usd": format_usd(min(result.actual_cost_micros, row.reserved_micros)),
-        }
-    )
+def envelope(deps, row, result: PackResult, finished_at) -> bytes:
+    """The stored result, a decision proof: canonical JSON, signed (dpp.domain.proof)."""
+    key, key_id = deps.settings.signing
+    document = {
+        "envelope_version": "1",
+        "run_id": str(row.id),
+        "tenant_id": row.tenant_id,
+        "pack_type": row.pack_type,
+        "pack_version": row.pack_version,
+        "method": result.output.get("method") if isinstance(result.output, dict) else None,
+        "inputs": row.inputs,
+        "input_hash": sha256_hex(row.inputs),
+        "result": result.output,
+        "actual_cost_usd": format_usd(min(result.actual_cost_micros, row.reserved_micros)),
+        "created_at": row.created_at.isoformat(),
+        "finished_at": finished_at.isoformat(),
+    }
+    return canonical_json(proof.sign(document, key, key_id))
 
 
 def complete(deps, run_id: str, lease_token: str, result: PackResult) -> Outcome:
@@ -75,9 +80,10 @@ def complete(deps, run_id: str, lease_token: str, result: PackResult) -> Outcome
     fault_point("after_finalize_claim")
     with deps.db.transaction() as session:
         row = RunRepository(session).get(run_id)
+        now = utcnow(session)
     charge = min(result.actual_cost_micros, row.reserved_micros)
     key = result_key(row.tenant_id, run_id)
-    deps.results.put(key, envelope(row, result), charge)
+    deps.results.put(key, envelope(deps, row, result, now), charge)
     fault_point("after_s3_upload")
     return commit(deps, run_id, RunStatus.COMPLETED, charge, result_key=key)
 

@@ -34,8 +34,15 @@ def test_production_refuses_loopback_static_keys_and_test_packs(env):
         Settings.from_env(env).check_production()
 
 
-def test_production_with_real_endpoints_starts():
-    Settings.from_env({"DPP_ENV": "production"}).check_production()
+def test_production_with_real_endpoints_and_a_signing_key_starts():
+    Settings.from_env({"DPP_ENV": "production", "DPP_SIGNING_KEY": "s3cret", "DPP_SIGNING_KEY_ID": "k2026"}).check_production()
+
+
+def test_production_refuses_the_development_signing_key():
+    with pytest.raises(RuntimeError):
+        Settings.from_env({"DPP_ENV": "production"}).check_production()
+    with pytest.raises(RuntimeError):
+        Settings.from_env({"DPP_ENV": "production", "DPP_SIGNING_KEY": "x"}).check_production()
 
 
 def test_fractional_reconcile_threshold_for_tests():

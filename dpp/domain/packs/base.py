@@ -26,6 +26,9 @@ class PackResult:
 class Pack(Protocol):
     pack_type: str
     version: str
+    description: str
+    price: dict[str, Any]  # public: the formula and its figures, in USD micros
+    input_schema: dict[str, Any]  # JSON Schema of `inputs`, published by GET /v1/packs
 
     def validate(self, inputs: Any) -> dict[str, Any]:
         """Return normalised inputs or raise `InvalidPackInputs` with per-field errors."""

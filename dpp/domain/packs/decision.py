@@ -50,9 +50,43 @@ _FIELDS = frozenset({"question", "options", "criteria", "scores", "method", "mod
 _CRITERION_FIELDS = frozenset({"name", "weight", "direction"})
 
 
+INPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["question"],
+    "properties": {
+        "question": {"type": "string", "minLength": 1, "maxLength": MAX_QUESTION_CHARS},
+        "options": {"type": "array", "minItems": OPTIONS_RANGE[0], "maxItems": OPTIONS_RANGE[1],
+                    "uniqueItems": True, "items": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}},
+        "criteria": {
+            "type": "array", "minItems": CRITERIA_RANGE[0], "maxItems": CRITERIA_RANGE[1],
+            "items": {
+                "type": "object", "additionalProperties": False, "required": ["name", "weight"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS},
+                    "weight": {"type": "number", "exclusiveMinimum": 0},
+                    "direction": {"enum": list(DIRECTIONS), "default": "max"},
+                },
+            },
+        },
+        "scores": {"type": "object", "description": "option -> {criterion -> number}",
+                   "additionalProperties": {"type": "object", "additionalProperties": {"type": "number"}}},
+        "method": {"enum": list(METHODS), "default": "weighted_sum"},
+        "mode": {"enum": list(MODES), "default": "quick"},
+    },
+}
+
+
 class DecisionPack:
     pack_type = "decision"
     version = "1.0.0"
+    description = ("Multi-criteria decision analysis (weighted sum or TOPSIS) with an optional "
+                   "sensitivity analysis, returned as a signed decision proof.")
+    price = {
+        "formula": "(base_micros + per_cell_micros * options * criteria) * (detailed_multiplier if mode == 'detailed' else 1)",
+        **PRICE,
+    }
+    input_schema = INPUT_SCHEMA
 
     def validate(self, inputs: Any) -> dict[str, Any]:
         return _validate(inputs)
