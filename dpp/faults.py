@@ -3,9 +3,9 @@
 A point SIGKILLs the process that reaches it: no cleanup, no `finally`, exactly
 what a power cut or the OOM killer does. Two ways to arm one:
 - `DPP_FAULTS=after_finalize_claim,...`: every time the point is reached;
-- `DPP_FAULT_TOKENS=<dir>`: once per token file `<dir>/<point>` — the process
-  that manages to delete it dies, so a restarted process does not die again
-  (the chaos runner arms one token per trial).
+- `DPP_FAULT_TOKENS=<dir>`: once per token file `<dir>/<point>.<n>` — the
+  process that manages to delete one dies, so a restarted process does not die
+  again (the chaos runner arms one token per trial, several trials at once).
 Unset (production), a point costs one frozenset lookup and one None check.
 """
 from __future__ import annotations
@@ -40,16 +40,21 @@ def fault_point(name: str) -> None:
     if name in _active:
         os.kill(os.getpid(), signal.SIGKILL)
     if _tokens is not None:
-        try:
-            os.remove(os.path.join(_tokens, name))  # atomic: one process wins the token
-        except FileNotFoundError:
-            return
-        os.kill(os.getpid(), signal.SIGKILL)
+        prefix = name + "."
+        for token in os.listdir(_tokens):
+            if token.startswith(prefix):
+                try:
+                    os.remove(os.path.join(_tokens, token))  # atomic: one process wins each token
+                except FileNotFoundError:
+                    continue
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
-def arm(tokens_dir: str, name: str) -> None:
+def arm(tokens_dir: str, name: str) -> str:
     """Arm one firing of `name` for processes started with DPP_FAULT_TOKENS=tokens_dir."""
     if name not in POINTS:
         raise ValueError(f"unknown fault point {name!r}")
-    with open(os.path.join(tokens_dir, name), "w"):
+    token = os.path.join(tokens_dir, f"{name}.{os.urandom(6).hex()}")
+    with open(token, "w"):
         pass
+    return token

@@ -230,16 +230,17 @@ class Chaos:
         tenant_id, key = self.tenant()
         started = time.monotonic()
         out = Outcome(point)
+        armed: list[str] = []
         try:
             if point in WORKER_POINTS or point in API_POINTS:
-                faults.arm(str(self.tokens), point)
+                armed.append(faults.arm(str(self.tokens), point))
                 self.submit(key)
             elif point == "sweep_between_read_and_write":
-                faults.arm(str(self.tokens), point)
+                armed.append(faults.arm(str(self.tokens), point))
                 self._kill_worker_mid_pack(key)
             elif point == "orphan_sweep_between_read_and_write":
-                faults.arm(str(self.tokens), "after_reserve")
-                faults.arm(str(self.tokens), point)
+                armed.append(faults.arm(str(self.tokens), "after_reserve"))
+                armed.append(faults.arm(str(self.tokens), point))
                 self.submit(key)
             elif point == "worker_sigkill":
                 self._kill_worker_mid_pack(key)
@@ -273,10 +274,12 @@ class Chaos:
             out.notes.append(f"agent: {type(exc).__name__}: {exc}")
         done = self._wait_settled(tenant_id, deadline=started + TRIAL_DEADLINE_SEC)
         out.seconds = time.monotonic() - started
-        armed = self._clear_tokens()
-        if armed:
+        unfired = [Path(t).name for t in armed if _disarm(t)]
+        if unfired:
+            # With trials in parallel another trial's process may have taken this
+            # trial's token: counted as not fired here, fired twice there.
             out.fired = False
-            out.notes.append(f"armed but never reached: {armed}")
+            out.notes.append(f"armed but never reached: {unfired}")
         self._judge(tenant_id, out, done)
         return out
 
@@ -295,14 +298,6 @@ class Chaos:
     def _recreate_aws(self) -> None:
         devstack.ensure_bucket(self.settings.s3_result_bucket, self.settings.aws_region, self.moto.url)
         make_queue(self.settings.sqs_queue_name, self.settings.aws_region, self.moto.url)
-
-    def _clear_tokens(self) -> list[str]:
-        """Disarm what did not fire (it must not fire in the next trial); name it."""
-        left = []
-        for token in self.tokens.iterdir():
-            token.unlink(missing_ok=True)
-            left.append(token.name)
-        return left
 
     def _progress(self, run_id: str) -> float:
         from sqlalchemy import text
@@ -377,6 +372,15 @@ class Chaos:
 # Glue
 # --------------------------------------------------------------------------------------
 
+def _disarm(token: str) -> bool:
+    """Remove a token that did not fire (it must not fire later); True if it was still armed."""
+    try:
+        os.remove(token)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -424,6 +428,8 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--points", default="", help="comma-separated subset of fault points")
     parser.add_argument("--report", default=str(ROOT / "build" / "chaos-report.json"))
     parser.add_argument("--seed", type=int, default=20261122)
+    parser.add_argument("--parallel", type=int, default=int(os.environ.get("CHAOS_PARALLEL", "3")),
+                        help="trials of the same fault point run at once, each on its own tenant")
     args = parser.parse_args(argv)
     random.seed(args.seed)
     points = [p for p in args.points.split(",") if p] or ALL
@@ -431,6 +437,8 @@ def main(argv: list | None = None) -> int:
     if unknown:
         parser.error(f"unknown fault points: {sorted(unknown)}")
 
+    # SIGTERM (a CI timeout, kill) must still stop every process and service we started.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=_mkdir(STATE)))
     tokens = _mkdir(run_dir / "tokens")
     redis, moto = OwnRedis(run_dir / "redis"), OwnMoto(run_dir / "moto")
@@ -473,15 +481,21 @@ def main(argv: list | None = None) -> int:
         chaos = Chaos(d, platform, redis, moto, tokens, Settings.from_env())
         results: dict[str, list[Outcome]] = {p: [] for p in points}
         total, done, bad = len(points) * args.trials, 0, 0
-        for point in points:
-            for _ in range(args.trials):
-                progress_bar(done, total, point, bad)
-                outcome = chaos.trial(point)
-                results[point].append(outcome)
-                done += 1
-                if outcome.leaks or outcome.double_charges or outcome.stuck:
-                    bad += 1
-                    say(f"\n✗ {point}: {outcome.notes}")
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+            for point in points:
+                remaining = args.trials
+                while remaining:
+                    batch = min(remaining, max(1, args.parallel))
+                    progress_bar(done, total, point, bad)
+                    for outcome in pool.map(chaos.trial, [point] * batch):
+                        results[point].append(outcome)
+                        done += 1
+                        if outcome.leaks or outcome.double_charges or outcome.stuck:
+                            bad += 1
+                            say(f"\n✗ {point}: {outcome.notes}")
+                    remaining -= batch
         progress_bar(done, total, "done", bad)
         say("")
 
@@ -500,6 +514,16 @@ def main(argv: list | None = None) -> int:
             stack.down()
 
 
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
 def build_report(results: dict, restarts: dict) -> dict:
     fault_points = []
     for name, outcomes in results.items():
@@ -514,6 +538,7 @@ def build_report(results: dict, restarts: dict) -> dict:
             "failures": [o.notes for o in outcomes if o.leaks or o.double_charges or o.stuck][:5],
         })
     return {
+        "commit": _commit(),
         "trials": sum(fp["trials"] for fp in fault_points),
         "leaks": sum(fp["leaks"] for fp in fault_points),
         "double_charges": sum(fp["double_charges"] for fp in fault_points),
