@@ -56,7 +56,10 @@ class Deps:
 
     @cached_property
     def packs(self) -> PackRegistry:
-        return builtin_registry(self.settings.extra_packs)
+        from dpp.adapters.fetcher import HttpFetcher
+
+        return builtin_registry(self.settings.extra_packs, url_fetcher=HttpFetcher(),
+                                url_allowlist=self.settings.url_allowlist)
 
 
 _deps: tuple[int, Deps] | None = None

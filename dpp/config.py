@@ -85,6 +85,8 @@ class Settings:
     billing_preflight_required: bool = False
     presign_ttl_sec: int = 900
     extra_packs: tuple[str, ...] = field(default_factory=tuple)
+    # CIDRs the url pack may fetch from although private/loopback (tests' local servers).
+    url_allowlist: tuple[str, ...] = field(default_factory=tuple)
     # Signs decision proofs. Development falls back to a published key so that
     # `make run` works; production refuses to start without a real one.
     signing_key: str | None = None
@@ -97,6 +99,7 @@ class Settings:
         env = os.environ if environ is None else environ
         origins = tuple(o.strip() for o in env.get("CORS_ALLOWED_ORIGINS", "").split(",") if o.strip())
         packs = tuple(p.strip() for p in env.get("DPP_EXTRA_PACKS", "").split(",") if p.strip())
+        url_allowlist = tuple(c.strip() for c in env.get("DPP_URL_ALLOWLIST", "").split(",") if c.strip())
         return cls(
             env=env.get("DPP_ENV", cls.env),
             database_url=env.get("DATABASE_URL", cls.database_url),
@@ -129,6 +132,7 @@ class Settings:
             billing_preflight_required=_bool(env, "DPP_BILLING_PREFLIGHT_REQUIRED", False),
             presign_ttl_sec=_int(env, "DPP_PRESIGN_TTL_SEC", cls.presign_ttl_sec),
             extra_packs=packs,
+            url_allowlist=url_allowlist,
             signing_key=env.get("DPP_SIGNING_KEY") or None,
             signing_key_id=env.get("DPP_SIGNING_KEY_ID") or "dev",
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
@@ -170,6 +174,10 @@ class Settings:
             raise RuntimeError("DPP_ENV=production refuses static test AWS keys")
         if not self.signing_key or self.signing_key_id == "dev":
             raise RuntimeError("DPP_ENV=production needs DPP_SIGNING_KEY and DPP_SIGNING_KEY_ID (not 'dev')")
+        never = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fd00:ec2::254/128")]
+        for cidr in self.url_allowlist:
+            if any(ipaddress.ip_network(cidr, strict=False).overlaps(n) for n in never):
+                raise RuntimeError(f"DPP_ENV=production refuses DPP_URL_ALLOWLIST entry {cidr} (loopback or metadata)")
         test_packs = [p for p in self.extra_packs if p.startswith("tests.")]
         if test_packs:
             raise RuntimeError(f"DPP_ENV=production refuses test-only packs: {test_packs}")

@@ -18,6 +18,22 @@ class InvalidPackInputs(DppError):
         self.errors = errors
 
 
+class PackFailed(DppError):
+    """A pack ending its run on purpose, with a named error code (charged the minimum fee).
+
+    The worker records `code` as the run's error_code when the state machine knows it
+    (`dpp.domain.runs.ErrorCode`), else PACK_ERROR.
+    """
+
+    code = "PACK_ERROR"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
 class UnknownPackType(DppError):
     def __init__(self, pack_type: str):
         super().__init__(f"unknown pack_type {pack_type!r}")

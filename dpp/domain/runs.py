@@ -50,6 +50,8 @@ class ErrorCode(str, enum.Enum):
     ENQUEUE_FAILED = "ENQUEUE_FAILED"
     QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
     CANCELED = "CANCELED"
+    URL_BLOCKED = "URL_BLOCKED"  # the url pack refused an address (at run time)
+    FETCH_FAILED = "FETCH_FAILED"  # the url pack could not fetch (DNS, connect, TLS, timeout, redirects)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import uuid
 
 from dpp.adapters.repository import RunRepository, snapshot, utcnow
 from dpp.domain import runs as machine
-from dpp.domain.errors import InvalidTransition, LeaseLost
+from dpp.domain.errors import InvalidTransition, LeaseLost, PackFailed
 from dpp.domain.runs import ErrorCode
 from dpp.faults import fault_point
 from dpp.services import finalize
@@ -49,8 +49,9 @@ def execute_run(deps, run_id: str, message: tuple[str, str] | None = None) -> st
         return LEASE_LOST
     except Exception as exc:  # the pack's failure is the run's, not the worker's
         log.warning("pack failed", extra={"run_id": run_id, "error": repr(exc)}, exc_info=True)
+        code, message = _failure(exc)
         try:
-            outcome = finalize.fail_started(deps, run_id, lease_token, ErrorCode.PACK_ERROR, f"{type(exc).__name__}: {exc}")
+            outcome = finalize.fail_started(deps, run_id, lease_token, code, message)
         except LeaseLost as lost:
             log.warning("lease lost before finalize", extra={"run_id": run_id, "error": str(lost)})
             return LEASE_LOST
@@ -88,6 +89,16 @@ def _claim_lease(deps, run_id: str) -> str:
         if not repo.apply(snap, changes):
             return "lost-claim-race"
         return f"lease:{token}"
+
+
+def _failure(exc: Exception) -> tuple[ErrorCode, str]:
+    """The run's error: a pack's named failure (`PackFailed`) when its code is known, else PACK_ERROR."""
+    if isinstance(exc, PackFailed):
+        try:
+            return ErrorCode(exc.code), str(exc)
+        except ValueError:
+            pass
+    return ErrorCode.PACK_ERROR, f"{type(exc).__name__}: {exc}"
 
 
 class PackStopped(BaseException):

@@ -27,6 +27,9 @@ def platform(settings, tmp_path_factory):
     env = {
         **os.environ,
         "DPP_EXTRA_PACKS": "tests.support.packs:BoomPack,tests.support.packs:SlowPack",
+        # The url pack may fetch from the tests' page server on 127.0.0.2, and nothing
+        # else local: 127.0.0.1 and `localhost` stay refused, as in production.
+        "DPP_URL_ALLOWLIST": "127.0.0.2/32",
         "PYTHONPATH": str(ROOT),
         "CORS_ALLOWED_ORIGINS": "https://agent.example",
         # Two gunicorn workers: /metrics must aggregate both (multiprocess mode).

@@ -30,10 +30,14 @@ class PackRegistry:
         return sorted(self._packs)
 
 
-def builtin_registry(extra: tuple[str, ...] = ()) -> PackRegistry:
+def builtin_registry(extra: tuple[str, ...] = (), url_fetcher=None, url_allowlist: tuple[str, ...] = ()) -> PackRegistry:
+    """The built-ins; `url` only with a fetcher, which the adapters provide (bootstrap)."""
     from dpp.domain.packs.decision import DecisionPack
+    from dpp.domain.packs.url import AddressPolicy, UrlPack
 
     registry = PackRegistry([DecisionPack()])
+    if url_fetcher is not None:
+        registry.register(UrlPack(url_fetcher, AddressPolicy.from_cidrs(url_allowlist)))
     for spec in extra:
         module_name, _, attr = spec.partition(":")
         registry.register(getattr(importlib.import_module(module_name), attr)())
