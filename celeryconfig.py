@@ -43,14 +43,26 @@ broker_transport_options = {
         "retries": {"mode": "standard", "total_max_attempts": 1},
     },
 }
-if _s.sqs_queue_url:
-    # Predefined: kombu neither lists nor creates queues, so the DLQ redrive set
-    # up with the queue is never replaced by a plain auto-created one.
-    broker_transport_options["predefined_queues"] = {
-        _s.sqs_queue_name: {"url": _s.sqs_queue_url, **{
-            k.replace("aws_", ""): v for k, v in _s.aws_credentials(_s.sqs_endpoint_url).items()
-        }},
-    }
+# The runs queue is never auto-created (its dead-letter queue would be missing);
+# a known URL saves a lookup and may name a queue in another account.
+broker_transport_options["work_queues"] = {_s.sqs_queue_name: _s.sqs_queue_url}
+
+# Broadcast (Flower, `celery inspect`, `celery control`) goes through SNS topics
+# that our transport manages (dpp/adapters/kombu_sqs.py). Their names derive from
+# the queue's, so two deployments on one account (or `make run` beside
+# `make test` on one moto) never answer each other's pings or see each other's
+# events.
+control_exchange = _s.sqs_queue_name              # SNS topic <queue>-pidbox; replies to <id>-reply-<queue>-pidbox
+event_exchange = f"{_s.sqs_queue_name}-events"    # SNS topic, fanout (Celery would make it `topic`)
+event_queue_prefix = f"{_s.sqs_queue_name}-ev"    # Flower's and `celery events`' receiving queues
+broker_transport_options["supports_fanout"] = True
+broker_transport_options["broadcast_exchanges"] = [event_exchange]
+# A temporary queue (mailbox, reply, event receiver) untouched this long is
+# deleted by the dpp.sweep_broker task; the tests shorten it.
+broker_transport_options["temporary_queue_idle_sec"] = int(os.environ.get("DPP_BROKER_QUEUE_IDLE_SEC") or 300)
+# Task events for Flower's task list (received, started, succeeded, failed).
+# Not `task_send_sent_event`: that would add an SNS publish to POST /v1/runs.
+worker_send_task_events = True
 
 broker_connection_retry_on_startup = True
 broker_connection_timeout = 5
@@ -102,6 +114,7 @@ beat_schedule = {
     "purge-expired-results": {"task": "dpp.purge_expired_results", "schedule": 3600.0},
     "audit-budgets": {"task": "dpp.audit_budgets", "schedule": float(_s.audit_interval_sec)},
     "record-queue-depth": {"task": "dpp.record_queue_depth", "schedule": 15.0},
+    "sweep-broker": {"task": "dpp.sweep_broker", "schedule": 300.0},
 }
 # A sweep that waited behind a backlog longer than its own interval is stale:
 # the next one is already on its way.

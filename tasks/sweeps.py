@@ -55,6 +55,14 @@ def record_queue_depth() -> dict:
     return sweeps.record_queue_depth(deps())
 
 
+@app.task(name="dpp.sweep_broker")
+def sweep_broker() -> dict:
+    """Idle broadcast queues (dead Flower, crashed worker) and their SNS subscriptions."""
+    from dpp.adapters.kombu_sqs import sweep_broker as sweep
+
+    return sweep(app)
+
+
 @app.task(name="dpp.reconcile_run", ignore_result=False)
 def reconcile_run(run_id: str) -> dict:
     return _reported("dpp.reconcile_run", sweeps.reconcile_run(deps(), run_id))
