@@ -93,7 +93,7 @@ worker_hijack_root_logger = False
 task_publish_retry = True
 task_publish_retry_policy = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
-beat_scheduler = "redbeat.RedBeatScheduler"
+beat_scheduler = "dpp.adapters.beat:Scheduler"  # redbeat, timed for /healthz and metrics
 redbeat_redis_url = _s.redis_url
 redbeat_key_prefix = os.environ.get("DPP_REDBEAT_KEY_PREFIX", "dpp:redbeat")
 # Short, so a standby beat takes over within seconds of the active one dying

@@ -93,6 +93,7 @@ class Settings:
     signing_key_id: str = "dev"
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "Settings":
@@ -137,6 +138,7 @@ class Settings:
             signing_key_id=env.get("DPP_SIGNING_KEY_ID") or "dev",
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
             aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
         )
 
     @property
@@ -170,8 +172,12 @@ class Settings:
         for name, url in (("SQS_ENDPOINT_URL", self.sqs_endpoint_url), ("S3_ENDPOINT_URL", self.s3_endpoint_url)):
             if is_loopback_url(url):
                 raise RuntimeError(f"DPP_ENV=production refuses loopback endpoint {name}={url}")
-        if self.aws_access_key_id in (STATIC_TEST_ACCESS_KEY,):
-            raise RuntimeError("DPP_ENV=production refuses static test AWS keys")
+        if self.aws_access_key_id and not self.aws_session_token:
+            # Long-lived keys in the environment leak with it (crash dumps, `env` in a
+            # shell); production takes a role (IRSA / instance profile), whose keys
+            # are temporary and come with a session token.
+            raise RuntimeError("DPP_ENV=production refuses static AWS keys (AWS_ACCESS_KEY_ID without "
+                               "AWS_SESSION_TOKEN): give the pod an IAM role instead")
         if not self.signing_key or self.signing_key_id == "dev":
             raise RuntimeError("DPP_ENV=production needs DPP_SIGNING_KEY and DPP_SIGNING_KEY_ID (not 'dev')")
         never = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fd00:ec2::254/128")]

@@ -1060,7 +1060,8 @@ def _demo_tenant(env: dict) -> tuple:
     return tenant, lines[-1]
 
 
-def _banner(tenant: str, key: str, api: str, flower: str, basic_auth: str, private: bool) -> str:
+def _banner(tenant: str, key: str, api: str, flower: str, basic_auth: str, private: bool,
+            worker_metrics_port: int = 9101, beat_metrics_port: int = 9102) -> str:
     user, _, password = basic_auth.split(",")[0].partition(":")
     body = json.dumps({
         "pack_type": "decision",
@@ -1094,8 +1095,11 @@ def _banner(tenant: str, key: str, api: str, flower: str, basic_auth: str, priva
         " Ledger view of the same money:",
         f".venv/bin/dpp budget show --tenant {tenant}",
         "",
-        f" Flower       {flower}  (user {user}, password {password})",
+        f" Flower       {flower}  (user {user}, password {password}; FLOWER_BASIC_AUTH to change)",
         f" API docs     {api}/docs",
+        f" Metrics      {api}/metrics  http://127.0.0.1:{worker_metrics_port}/metrics (worker)"
+        f"  http://127.0.0.1:{beat_metrics_port}/metrics (beat)",
+        " Ping workers .venv/bin/celery -A dpp inspect ping    (in a shell set up as below)",
     ]
     if private:
         lines += ["", " Private services in use: in another shell, first run",
@@ -1104,22 +1108,46 @@ def _banner(tenant: str, key: str, api: str, flower: str, basic_auth: str, priva
     return "\n".join(lines)
 
 
-def platform_commands(api_port: int, flower_port: int, basic_auth: str) -> list:
-    """(role, argv) of the processes `run` starts, in start order (stopped in reverse)."""
-    return [
+def platform_commands(api_port: int, flower_port: int, basic_auth: str, metrics_ports: dict | None = None) -> list:
+    """(role, argv, extra env) of the processes `run` starts, in start order (stopped in reverse).
+
+    Worker and beat serve /metrics and /healthz on `metrics_ports[role]`; every role
+    gets its own PROMETHEUS_MULTIPROC_DIR (emptied here), where its processes'
+    samples are aggregated.
+    """
+    metrics_ports = metrics_ports or {}
+    # No gossip or mingle: over SNS every worker would receive every task event.
+    worker = [tool("celery"), "-A", "dpp", "worker", "-l", "INFO", "-c", "1", "-n", "worker1@%h",
+              "--without-gossip", "--without-mingle"]
+    commands = [
         ("api", [tool("gunicorn"), "-b", f"127.0.0.1:{api_port}", "-w", "2", "--access-logfile", "-",
                  "dpp.api:create_app()"]),
-        ("worker", [tool("celery"), "-A", "dpp", "worker", "-l", "INFO", "-c", "1", "-n", "worker1@%h"]),
+        ("worker", worker),
         ("beat", [tool("celery"), "-A", "dpp", "beat", "-l", "INFO"]),
         ("flower", [tool("celery"), "-A", "dpp", "flower", "--address=127.0.0.1", f"--port={flower_port}",
                     f"--basic-auth={basic_auth}"]),
     ]
+    result = []
+    for role, argv in commands:
+        extra = {}
+        if role != "flower":
+            directory = LOCAL / "prometheus" / role
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+            extra["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+        if role in metrics_ports:
+            extra["DPP_METRICS_PORT"] = str(metrics_ports[role])
+        result.append((role, argv, extra))
+    return result
 
 
 def cmd_run(args) -> int:
     api_port = int(os.environ.get("DPP_API_PORT", "8000"))
     flower_port = int(os.environ.get("DPP_FLOWER_PORT", "5555"))
-    for role, port in (("API", api_port), ("Flower", flower_port)):
+    worker_metrics_port = int(os.environ.get("DPP_WORKER_METRICS_PORT", "9101"))
+    beat_metrics_port = int(os.environ.get("DPP_BEAT_METRICS_PORT", "9102"))
+    for role, port in (("API", api_port), ("Flower", flower_port), ("worker metrics", worker_metrics_port),
+                       ("beat metrics", beat_metrics_port)):
         if port_open("127.0.0.1", port):
             raise DevstackError(f"port {port} for the {role} is already in use (another `make run`?)")
     api = f"http://127.0.0.1:{api_port}"
@@ -1136,8 +1164,9 @@ def cmd_run(args) -> int:
         env = stack.child_env(DPP_JSON_LOGS=os.environ.get("DPP_JSON_LOGS") or "0")
         basic_auth = env["FLOWER_BASIC_AUTH"]
         colorize = sys.stdout.isatty()
-        for index, (role, cmd) in enumerate(platform_commands(api_port, flower_port, basic_auth)):
-            proc = start_process(cmd, env=env)
+        metrics_ports = {"worker": worker_metrics_port, "beat": beat_metrics_port}
+        for index, (role, cmd, extra) in enumerate(platform_commands(api_port, flower_port, basic_auth, metrics_ports)):
+            proc = start_process(cmd, env={**env, **extra})
             children.append((role, proc))
             pumps.append(_pump(role, proc, _COLORS[index % len(_COLORS)] if colorize else ""))
             say(f"✓ started {role} (pid {proc.pid})")
@@ -1154,7 +1183,8 @@ def cmd_run(args) -> int:
         except DevstackError as exc:
             say(f"✗ demo tenant not created, the stack keeps running: {exc}")
         else:
-            banner = _banner(tenant, key, api, flower, basic_auth, stack.private)
+            banner = _banner(tenant, key, api, flower, basic_auth, stack.private,
+                             worker_metrics_port, beat_metrics_port)
             with _print_lock:
                 print(banner, flush=True)
 

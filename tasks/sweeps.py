@@ -58,9 +58,12 @@ def record_queue_depth() -> dict:
 @app.task(name="dpp.sweep_broker")
 def sweep_broker() -> dict:
     """Idle broadcast queues (dead Flower, crashed worker) and their SNS subscriptions."""
+    from dpp import metrics
     from dpp.adapters.kombu_sqs import sweep_broker as sweep
 
-    return sweep(app)
+    report = sweep(app)
+    metrics.BROKER_SWEEP.inc(len(report["deleted_queues"]))
+    return report
 
 
 @app.task(name="dpp.reconcile_run", ignore_result=False)

@@ -5,7 +5,7 @@ from flask import Flask
 from flask_cors import CORS
 from flask_smorest import Api
 
-from dpp import __version__
+from dpp import __version__, telemetry
 from dpp.api import account, context, errors, health, packs, runs
 from dpp.api.openapi import document_errors
 from dpp.config import get_settings
@@ -29,6 +29,9 @@ def create_app(overrides: dict | None = None) -> Flask:
         JSON_SORT_KEYS=False,
     )
     app.config.update(overrides or {})
+    telemetry.setup_tracing("dpp-api")
+    telemetry.instrument_flask(app)  # before our hooks: its span is current in them
+    telemetry.instrument_celery()    # the enqueue carries `traceparent` to the worker
     api = Api(app)
     api.register_blueprint(runs.blp)
     api.register_blueprint(account.blp)
@@ -37,6 +40,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.register_blueprint(health.blp)
     app.before_request(context.begin_request)
     app.after_request(context.end_request)
+    app.teardown_request(context.teardown_request)
     errors.register(app)  # after Api(): our problem+json replaces its error handler
     if settings.cors_allowed_origins:
         # An explicit allowlist. Keys travel in the Authorization header, never

@@ -7,7 +7,7 @@ import time
 
 from flask import g, request
 
-from dpp import metrics
+from dpp import metrics, telemetry
 from dpp.bootstrap import deps
 from dpp.domain.errors import AuthenticationFailed
 from dpp.services import tenants
@@ -16,10 +16,21 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}
 
 
 def begin_request() -> None:
-    match = _TRACEPARENT.match(request.headers.get("traceparent", "").strip().lower())
-    trace_id = match.group(1) if match and match.group(1) != "0" * 32 else secrets.token_hex(16)
+    # OpenTelemetry's Flask instrumentation has continued the agent's
+    # `traceparent` (or started a trace) before this hook runs.
+    trace_id = telemetry.current_trace_id()
+    if trace_id is None:  # not instrumented (an app built without tracing): the header, or a new id
+        match = _TRACEPARENT.match(request.headers.get("traceparent", "").strip().lower())
+        trace_id = match.group(1) if match and match.group(1) != "0" * 32 else secrets.token_hex(16)
     g.trace_id = trace_id
+    g.log_fields = telemetry.open_fields()
+    telemetry.add_fields(trace_id=trace_id)
     g.started = time.perf_counter()
+
+
+def teardown_request(_exc=None) -> None:
+    if "log_fields" in g:
+        telemetry.close_fields(g.pop("log_fields"))
 
 
 def end_request(response):
@@ -40,3 +51,4 @@ def require_principal() -> None:
         raise AuthenticationFailed("missing Bearer API key")
     g.principal = tenants.authenticate(deps(), token.strip())
     g.tenant_id = g.principal.tenant_id
+    telemetry.add_fields(tenant_id=g.tenant_id)

@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 
+from dpp import telemetry
 from dpp.adapters.repository import RunRepository, snapshot, utcnow
 from dpp.domain import runs as machine
 from dpp.domain.errors import InvalidTransition, LeaseLost, PackFailed
@@ -28,6 +29,11 @@ def execute_run(deps, run_id: str, message: tuple[str, str] | None = None) -> st
 
     `message` is the SQS (queue_url, receipt_handle) the heartbeat keeps invisible.
     """
+    with telemetry.bind(run_id=run_id):
+        return _execute_run(deps, run_id, message)
+
+
+def _execute_run(deps, run_id: str, message: tuple[str, str] | None) -> str:
     token = _claim_lease(deps, run_id)
     if not token.startswith("lease:"):
         log.info("message dropped", extra={"run_id": run_id, "reason": token})
@@ -37,9 +43,13 @@ def execute_run(deps, run_id: str, message: tuple[str, str] | None = None) -> st
 
     with deps.db.transaction() as session:
         row = RunRepository(session).get(run_id)
-        pack_type, inputs = row.pack_type, row.inputs
-    pack = deps.packs.get(pack_type)
+        pack_type, inputs, tenant_id, trace_id = row.pack_type, row.inputs, row.tenant_id, row.trace_id
+    with telemetry.run_scope("dpp.execute_run", trace_id, run_id, tenant_id):
+        log.info("run started", extra={"pack_type": pack_type})
+        return _run_pack(deps, run_id, lease_token, deps.packs.get(pack_type), inputs, message)
 
+
+def _run_pack(deps, run_id: str, lease_token: str, pack, inputs, message) -> str:
     heartbeat = Heartbeat(deps, run_id, lease_token, message)
     try:
         with heartbeat:

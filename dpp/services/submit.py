@@ -121,6 +121,8 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
     fault_point("after_enqueue")
     metrics.RUNS_SUBMITTED.labels(pack.pack_type).inc()
     metrics.MONEY_RESERVED.inc(sub.max_cost_micros)
+    log.info("run submitted", extra={"run_id": run_id, "tenant_id": principal.tenant_id,
+                                     "pack_type": pack.pack_type, "reserved_micros": sub.max_cost_micros})
     with deps.db.transaction() as session:
         return Submitted(RunRepository(session).get(run_id), replayed=False)
 

@@ -20,7 +20,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from dpp import metrics
+from dpp import metrics, telemetry
 from dpp.adapters import orm
 from dpp.adapters.repository import RunRepository, snapshot, utcnow
 from dpp.adapters.results import result_key
@@ -46,7 +46,18 @@ class SweepReport:
         return {"sweep": self.sweep, "claimed": self.claimed, "actions": self.actions}
 
 
-def _claim_batch(deps, stmt, transition) -> list[str]:
+@dataclass(frozen=True)
+class Claimed:
+    run_id: str
+    tenant_id: str
+    trace_id: str | None
+
+    def scope(self, sweep: str):
+        """Log and trace this run's settlement in the run's own trace (dpp.telemetry)."""
+        return telemetry.run_scope(f"dpp.{sweep}", self.trace_id, self.run_id, self.tenant_id)
+
+
+def _claim_batch(deps, stmt, transition) -> list[Claimed]:
     """Lock a batch (skipping rows another sweep holds) and move each by CAS."""
     claimed = []
     with deps.db.transaction() as session:
@@ -61,7 +72,7 @@ def _claim_batch(deps, stmt, transition) -> list[str]:
             except InvalidTransition:
                 continue
             if repo.apply(snap, changes):
-                claimed.append(str(row.id))
+                claimed.append(Claimed(str(row.id), row.tenant_id, row.trace_id))
     return claimed
 
 
@@ -113,17 +124,19 @@ def sweep_expired_leases(deps) -> SweepReport:
     """PROCESSING, lease expired, no finalize claim -> FAILED LEASE_EXPIRED, minimum fee."""
     report = SweepReport("sweep_expired_leases")
     stmt = expired_leases_query(deps.settings.reaper_scan_limit)
-    ids = _claim_batch(deps, stmt, lambda snap, now: machine.claim_expired(snap, now=now))
-    report.claimed = len(ids)
-    for run_id in ids:
-        snap = _snapshot(deps, run_id)
-        outcome = finalize.commit(
-            deps, run_id, RunStatus.FAILED, machine.failure_charge(snap, started=True),
-            code=ErrorCode.LEASE_EXPIRED, message="the worker's lease expired before it finalized",
-        )
-        metrics.LEASE_EXPIRIES.inc()
-        metrics.SWEEP_RUNS.labels(report.sweep).inc()
-        report.actions[run_id] = f"failed:LEASE_EXPIRED:{outcome.charge_micros}"
+    claimed = _claim_batch(deps, stmt, lambda snap, now: machine.claim_expired(snap, now=now))
+    report.claimed = len(claimed)
+    for run in claimed:
+        with run.scope(report.sweep):
+            snap = _snapshot(deps, run.run_id)
+            outcome = finalize.commit(
+                deps, run.run_id, RunStatus.FAILED, machine.failure_charge(snap, started=True),
+                code=ErrorCode.LEASE_EXPIRED, message="the worker's lease expired before it finalized",
+            )
+            metrics.LEASE_EXPIRIES.inc()
+            metrics.SWEEP_RUNS.labels(report.sweep).inc()
+            report.actions[run.run_id] = f"failed:LEASE_EXPIRED:{outcome.charge_micros}"
+            log.warning("lease expired: run failed by the sweep", extra={"action": report.actions[run.run_id]})
     return report
 
 
@@ -131,15 +144,17 @@ def sweep_stale_queued(deps) -> SweepReport:
     """QUEUED too long (message lost or dead-lettered) -> FAILED QUEUE_TIMEOUT, charge 0."""
     report = SweepReport("sweep_stale_queued")
     stmt = stale_queued_query(deps.settings.reaper_scan_limit, deps.settings.queued_timeout_sec)
-    ids = _claim_batch(deps, stmt, lambda snap, now: machine.claim_unstarted(snap, now=now))
-    report.claimed = len(ids)
-    for run_id in ids:
-        outcome = finalize.commit(
-            deps, run_id, RunStatus.FAILED, 0, code=ErrorCode.QUEUE_TIMEOUT,
-            message="the run waited in the queue too long and never started", from_queued=True,
-        )
-        metrics.SWEEP_RUNS.labels(report.sweep).inc()
-        report.actions[run_id] = f"failed:QUEUE_TIMEOUT:{outcome.charge_micros}"
+    claimed = _claim_batch(deps, stmt, lambda snap, now: machine.claim_unstarted(snap, now=now))
+    report.claimed = len(claimed)
+    for run in claimed:
+        with run.scope(report.sweep):
+            outcome = finalize.commit(
+                deps, run.run_id, RunStatus.FAILED, 0, code=ErrorCode.QUEUE_TIMEOUT,
+                message="the run waited in the queue too long and never started", from_queued=True,
+            )
+            metrics.SWEEP_RUNS.labels(report.sweep).inc()
+            report.actions[run.run_id] = f"failed:QUEUE_TIMEOUT:{outcome.charge_micros}"
+            log.warning("never started: run failed by the sweep", extra={"action": report.actions[run.run_id]})
     return report
 
 
@@ -147,11 +162,13 @@ def reconcile_stuck(deps) -> SweepReport:
     """CLAIMED for longer than the threshold: roll forward from S3, or roll back."""
     report = SweepReport("reconcile_stuck")
     stmt = stuck_claims_query(deps.settings.reconcile_scan_limit, deps.settings.reconcile_threshold_min)
-    ids = _claim_batch(deps, stmt, lambda snap, now: machine.take_over_claim(snap, now=now))
-    report.claimed = len(ids)
-    for run_id in ids:
-        report.actions[run_id] = reconcile_one(deps, run_id)
-        metrics.SWEEP_RUNS.labels(report.sweep).inc()
+    claimed = _claim_batch(deps, stmt, lambda snap, now: machine.take_over_claim(snap, now=now))
+    report.claimed = len(claimed)
+    for run in claimed:
+        with run.scope(report.sweep):
+            report.actions[run.run_id] = reconcile_one(deps, run.run_id)
+            metrics.SWEEP_RUNS.labels(report.sweep).inc()
+            log.warning("stuck finalize reconciled", extra={"action": report.actions[run.run_id]})
     return report
 
 

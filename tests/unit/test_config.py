@@ -26,6 +26,7 @@ def test_static_keys_only_for_loopback():
         {"DPP_ENV": "production", "SQS_ENDPOINT_URL": "http://127.0.0.1:5000"},
         {"DPP_ENV": "production", "S3_ENDPOINT_URL": "http://localhost:5000"},
         {"DPP_ENV": "production", "AWS_ACCESS_KEY_ID": "testing"},
+        {"DPP_ENV": "production", "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE", "AWS_SECRET_ACCESS_KEY": "x"},
         {"DPP_ENV": "production", "DPP_EXTRA_PACKS": "tests.support.packs:SlowPack"},
     ],
 )
@@ -36,6 +37,12 @@ def test_production_refuses_loopback_static_keys_and_test_packs(env):
 
 def test_production_with_real_endpoints_and_a_signing_key_starts():
     Settings.from_env({"DPP_ENV": "production", "DPP_SIGNING_KEY": "s3cret", "DPP_SIGNING_KEY_ID": "k2026"}).check_production()
+
+
+def test_production_accepts_a_roles_temporary_keys():
+    Settings.from_env({"DPP_ENV": "production", "DPP_SIGNING_KEY": "s3cret", "DPP_SIGNING_KEY_ID": "k2026",
+                       "AWS_ACCESS_KEY_ID": "ASIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "x",
+                       "AWS_SESSION_TOKEN": "token"}).check_production()
 
 
 def test_production_refuses_the_development_signing_key():
