@@ -1108,7 +1108,8 @@ def _banner(tenant: str, key: str, api: str, flower: str, basic_auth: str, priva
     return "\n".join(lines)
 
 
-def platform_commands(api_port: int, flower_port: int, basic_auth: str, metrics_ports: dict | None = None) -> list:
+def platform_commands(api_port: int, flower_port: int, basic_auth: str, metrics_ports: dict | None = None,
+                      state_dir: Path = LOCAL) -> list:
     """(role, argv, extra env) of the processes `run` starts, in start order (stopped in reverse).
 
     Worker and beat serve /metrics and /healthz on `metrics_ports[role]`; every role
@@ -1131,7 +1132,7 @@ def platform_commands(api_port: int, flower_port: int, basic_auth: str, metrics_
     for role, argv in commands:
         extra = {}
         if role != "flower":
-            directory = LOCAL / "prometheus" / role
+            directory = Path(state_dir) / "prometheus" / role
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True)
             extra["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
