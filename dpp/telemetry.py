@@ -81,6 +81,10 @@ def current_trace_id() -> str | None:
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
+def _is_trace_id(value: str | None) -> bool:
+    return bool(value) and len(value) == 32 and all(c in "0123456789abcdef" for c in value) and value != "0" * 32
+
+
 def log_fields() -> dict:
     """What the log formatter adds to every line: the bound fields and the trace id."""
     fields = dict(_fields.get())
@@ -94,7 +98,7 @@ def log_fields() -> dict:
 @contextmanager
 def bind(**fields):
     """Add `fields` (run_id, tenant_id, …) to every log line inside the block."""
-    token = _fields.set({**_fields.get(), **{k: v for k, v in fields.items() if v is not None}})
+    token = _fields.set({**_fields.get(), **{k: v for k, v in fields.items() if v not in (None, "")}})
     try:
         yield
     finally:
@@ -110,7 +114,9 @@ def run_scope(name: str, trace_id: str | None, run_id: str, tenant_id: str | Non
     `name` in the run's trace, so the trace of a run that crashed ends with
     the sweep that settled it.
     """
-    if not trace_id or current_trace_id() == trace_id:
+    if not _is_trace_id(trace_id) or current_trace_id() == trace_id:
+        # A trace id that is not W3C's (a run recorded by another client) is still
+        # logged; only a span cannot be made in it. Settling never fails on it.
         with bind(trace_id=trace_id, run_id=run_id, tenant_id=tenant_id):
             yield
         return
@@ -129,7 +135,7 @@ def open_fields() -> contextvars.Token:
 
 def add_fields(**fields) -> None:
     """Add to the fields opened by `open_fields` (the request's tenant, once known)."""
-    _fields.set({**_fields.get(), **{k: v for k, v in fields.items() if v is not None}})
+    _fields.set({**_fields.get(), **{k: v for k, v in fields.items() if v not in (None, "")}})
 
 
 def close_fields(token: contextvars.Token) -> None:

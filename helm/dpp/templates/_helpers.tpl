@@ -143,22 +143,39 @@ securityContext:
 {{- end -}}
 
 {{/*
-Process-alive probe for worker and beat (no HTTP endpoint; `celery inspect ping`
-does not work over SQS until issue 7, which replaces this): PID 1 must be the Celery
-process of this role, neither a zombie nor stopped. Cheap (no imports) and honest: it
-says the process lives, nothing more. Call with (dict "role" "worker" "probe" <values>).
+Worker and beat: DPP_METRICS_PORT serves /metrics and /healthz (docs/operations.md), with
+the samples of all the role's processes aggregated in an in-memory PROMETHEUS_MULTIPROC_DIR.
 */}}
-{{- define "dpp.processProbe" -}}
-exec:
-  command:
-    - python
-    - -c
-    - |-
-      import sys
-      argv = open("/proc/1/cmdline", "rb").read().split(b"\0")
-      state = open("/proc/1/stat", "rb").read().rpartition(b")")[2].split()[0]
-      celery = any(arg.endswith(b"celery") for arg in argv)
-      sys.exit(0 if celery and b"{{ .role }}" in argv and state not in b"ZTtX" else 1)
+{{- define "dpp.metricsEnv" -}}
+- name: DPP_METRICS_PORT
+  value: {{ .Values.metrics.port | quote }}
+- name: PROMETHEUS_MULTIPROC_DIR
+  value: /run/prometheus
+{{- end -}}
+
+{{- define "dpp.metricsPort" -}}
+- name: metrics
+  containerPort: {{ .Values.metrics.port }}
+  protocol: TCP
+{{- end -}}
+
+{{- define "dpp.metricsVolume" -}}
+- name: prometheus
+  emptyDir:
+    medium: Memory
+    sizeLimit: 64Mi
+{{- end -}}
+
+{{- define "dpp.metricsMount" -}}
+- name: prometheus
+  mountPath: /run/prometheus
+{{- end -}}
+
+{{/* An HTTP probe on /healthz; call with (dict "probe" <values>). */}}
+{{- define "dpp.healthzProbe" -}}
+httpGet:
+  path: /healthz
+  port: metrics
 {{- with .probe }}
 {{ toYaml . }}
 {{- end }}
