@@ -55,7 +55,7 @@ COPY --from=build /opt/venv /opt/venv
 # Root-owned and read-only to the service user. alembic.ini and migrations/ are read
 # from here by `alembic upgrade head`; scripts/devstack.py is docker-compose's aws-init.
 WORKDIR /app
-COPY alembic.ini ./
+COPY alembic.ini gunicorn.conf.py ./
 COPY migrations ./migrations
 COPY scripts/devstack.py ./scripts/devstack.py
 

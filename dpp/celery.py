@@ -3,6 +3,7 @@
 Tasks live in the top-level `tasks/` package as thin wrappers over services.
 """
 import os
+import sys
 
 from celery import Celery
 from celery.signals import beat_init, heartbeat_sent, setup_logging, worker_init, worker_process_init
@@ -16,6 +17,13 @@ get_settings().check_production()
 kombu_sqs.register()  # before any connection: the broker URL's scheme is ours
 app = Celery("dpp", include=["tasks.runs", "tasks.sweeps"])
 app.config_from_object("celeryconfig")
+
+if "flower" in sys.argv[1:]:
+    # Flower sends no setup_logging signal, and tornado adds its own text handler
+    # only when the root logger has none: ours first, so Flower logs JSON too.
+    from dpp.logs import configure_logging
+
+    configure_logging(get_settings())
 
 
 @setup_logging.connect

@@ -59,3 +59,21 @@ def configure_logging(settings) -> None:
     root.addHandler(handler)
     root.setLevel(settings.log_level)
     root._dpp_configured = True
+
+
+def gunicorn_logconfig() -> dict:
+    """gunicorn's `logconfig_dict`: its error and access loggers through our formatter."""
+    from dpp.config import Settings
+
+    formatter = "dpp.logs.JsonFormatter" if Settings.from_env().json_logs else "dpp.logs.TextFormatter"
+    handler = {"class": "logging.StreamHandler", "formatter": "dpp", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"dpp": {"()": formatter}},
+        "handlers": {"error_console": handler, "console": handler},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False, "qualname": "gunicorn.error"},
+            "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False, "qualname": "gunicorn.access"},
+        },
+    }

@@ -71,6 +71,15 @@ def ops(settings, tmp_path_factory):
         devstack.wait_http(f"{api}/health", timeout=30)
         devstack.wait_http(f"http://127.0.0.1:{ports['worker']}/healthz", timeout=60, status=200)
         devstack.wait_http(f"http://127.0.0.1:{ports['flower']}/healthcheck", timeout=60)
+        # Events are fire-and-forget: Flower sees only tasks that run after its event
+        # queue is subscribed to the events topic, which its capture thread does a
+        # moment after it answers HTTP.
+        sns = boto3.client("sns", region_name=settings.aws_region, endpoint_url=settings.sqs_endpoint_url,
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        topic = sns.create_topic(Name=f"{name}-events")["TopicArn"]
+        wait_for(lambda: any(f"{name}-ev-" in sub["Endpoint"] for sub in
+                             sns.list_subscriptions_by_topic(TopicArn=topic)["Subscriptions"]),
+                 60, "Flower's event subscription")
         yield {"api": api, "flower": f"http://127.0.0.1:{ports['flower']}", "ports": ports, "env": env,
                "logs": state, "procs": procs, "workers": {
                    "worker": worker_name.replace("%h", os.uname().nodename),
