@@ -5,6 +5,8 @@
 #   make test   every test against real PostgreSQL, Redis and moto
 #   make unit   unit tests only, no services
 #   make clean  stop private services started by devstack, drop local state
+#   make deploy-check  render the Helm chart for every values file and validate it and
+#               docker-compose.yml (no cluster, no Docker; tests/deploy runs it in make test)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -12,7 +14,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv run test unit services stop clean chaos
+.PHONY: venv run test unit services stop clean chaos deploy-check
 
 venv: $(STAMP)
 
@@ -32,7 +34,10 @@ test: venv
 	$(PY) scripts/devstack.py test $(PYTEST_ARGS)
 
 unit: venv
-	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit tests/deploy $(PYTEST_ARGS)
+
+deploy-check: venv
+	$(PY) scripts/deploy_check.py
 
 services: venv
 	$(PY) scripts/devstack.py services

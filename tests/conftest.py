@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 
-_SPEED = {"unit": 0, "integration": 1, "e2e": 2}
+_SPEED = {"unit": 0, "deploy": 0, "integration": 1, "e2e": 2}
 
 
 def pytest_collection_modifyitems(config, items):
