@@ -73,6 +73,7 @@ class RedisBudget:
         self._settle = client.register_script(_load("settle"))
         self._release = client.register_script(_load("release"))
         self._credit = client.register_script(_load("credit"))
+        self._restore = client.register_script(_load("restore"))
 
     @classmethod
     def from_url(cls, url: str, cluster: bool = False) -> "RedisBudget":
@@ -127,10 +128,10 @@ class RedisBudget:
             self._release, [balance_key(tenant_id), reserve_key(tenant_id, run_id), holds_key(tenant_id)], [run_id]
         ))
 
-    def credit(self, tenant_id: str, amount_micros: int, ledger_available_micros: int) -> int:
-        return int(
-            self._call(self._credit, [balance_key(tenant_id)], [amount_micros, ledger_available_micros])
-        )
+    def credit(self, tenant_id: str, amount_micros: int) -> int | None:
+        """Add a committed top-up; None when Redis has no balance for the tenant."""
+        balance = int(self._call(self._credit, [balance_key(tenant_id)], [amount_micros]))
+        return None if balance < 0 else balance
 
     def available(self, tenant_id: str) -> int | None:
         try:
@@ -163,19 +164,18 @@ class RedisBudget:
         raw = self.client.hgetall(receipt_key(tenant_id, run_id))
         return {k.decode(): int(v) for k, v in raw.items()} or None
 
-    def restore(self, tenant_id: str, available_micros: int, reservations: dict[str, int]) -> None:
+    def restore(self, tenant_id: str, available_micros: int, reservations: dict[str, int]) -> int:
         """Set the tenant's Redis state to what the ledger says (`dpp budget rebuild`).
 
-        One MULTI on keys of one hash tag, so a cluster accepts it. Reservations
-        the ledger holds are put back so that their later settle finds them.
+        One script on keys of one hash tag (a cluster accepts it). Reservations the
+        ledger holds are put back so that their later settle finds them, unless
+        Redis already settled them (restore.lua). Returns the balance set.
         """
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(balance_key(tenant_id), available_micros)
-        pipe.delete(holds_key(tenant_id))
-        for run_id, amount in reservations.items():
-            pipe.hset(reserve_key(tenant_id, run_id), mapping={"amount": amount, "reserved_at": _now_ms()})
-            pipe.sadd(holds_key(tenant_id), run_id)
-        pipe.execute()
+        keys, args = [balance_key(tenant_id), holds_key(tenant_id)], [available_micros, _now_ms()]
+        for run_id, amount in sorted(reservations.items()):
+            keys += [reserve_key(tenant_id, run_id), receipt_key(tenant_id, run_id)]
+            args += [run_id, amount]
+        return int(self._call(self._restore, keys, args))
 
     def ping(self) -> bool:
         return bool(self.client.ping())

@@ -90,6 +90,12 @@ def balances(session: Session, tenant_id: str, *, for_update: bool = False) -> B
     )
 
 
+def available(deps, tenant_id: str) -> int:
+    """The ledger's available balance, in a transaction of its own."""
+    with deps.db.transaction() as session:
+        return balances(session, tenant_id).available
+
+
 def balances_from_transfers(session: Session, tenant_id: str) -> Balances:
     """Recompute the balances from the transfers alone (the audit's second opinion)."""
     result = Balances()
@@ -115,7 +121,10 @@ def topup(deps, tenant_id: str, amount_micros: int, memo: str | None = None) -> 
         balances(session, tenant_id, for_update=True)  # serialise top-ups per tenant
         post(session, tenant_id, transfer(TransferKind.TOPUP, amount_micros), memo=memo)
         after = balances(session, tenant_id)
-    deps.budget.credit(tenant_id, amount_micros, after.available)
+    if deps.budget.credit(tenant_id, amount_micros) is None:
+        # Redis has no balance for the tenant (new, or wiped): the whole mirror
+        # from the ledger, the live holds with it, not just this balance.
+        rebuild(deps, tenant_id)
     return after
 
 
@@ -175,8 +184,11 @@ def record_settlement(session: Session, tenant_id: str, run_id: str, settlement:
 def rebuild(deps, tenant_id: str) -> Balances:
     """Set the tenant's Redis mirror from the ledger: available, and the live holds.
 
-    Run it when no submission for the tenant is between its Redis hold and its
-    ledger record (a hold made in that instant would be forgotten).
+    A run Redis already settled while its ledger COMMIT is pending keeps no hold
+    and its release counts as available (restore.lua), so a rebuild in that
+    window does not lose the release. Run it when no submission for the tenant is
+    between its Redis hold and its ledger record (a hold made in that instant
+    would be forgotten).
     """
     with deps.db.transaction() as session:
         books = balances(session, tenant_id)

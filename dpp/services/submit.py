@@ -21,7 +21,9 @@ from dpp import metrics
 from dpp.adapters import orm
 from dpp.adapters.repository import RunRepository
 from dpp.domain.canonical import sha256_hex
-from dpp.domain.errors import DependencyUnavailable, DppError, Forbidden, IdempotencyMismatch, PlanViolation
+from dpp.domain.errors import (
+    DependencyUnavailable, DppError, Forbidden, IdempotencyMismatch, InsufficientBudget, PlanViolation,
+)
 from dpp.domain.money import format_usd
 from dpp.domain.runs import ErrorCode, RunStatus
 from dpp.faults import fault_point
@@ -96,6 +98,11 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             ledger.record_reservation(session, principal.tenant_id, run_id, sub.max_cost_micros)
     except IntegrityError as exc:
         ledger.unhold(deps, principal.tenant_id, run_id)
+        if "available_nonneg" in str(exc.orig):
+            # The gate admitted it on money Redis has already released for a run
+            # whose ledger COMMIT is still pending (finalize settles Redis first).
+            # The ledger is the truth and cannot back the cap yet: 402, nothing held.
+            raise InsufficientBudget(ledger.available(deps, principal.tenant_id), sub.max_cost_micros) from exc
         if "uq_runs_tenant_idempotency" not in str(exc.orig):
             raise
         # A concurrent request with the same key won the insert: answer as it did.

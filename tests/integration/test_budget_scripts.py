@@ -7,7 +7,7 @@ from dpp.adapters.budget import AlreadySettled, BudgetMissing, balance_key, rece
 @pytest.fixture
 def budget(clean):
     b = clean.budget
-    b.credit("acme", 1_000, 1_000)
+    b.restore("acme", 1_000, {})
     return b
 
 
@@ -78,12 +78,26 @@ def test_reserve_reports_a_missing_budget_instead_of_inventing_one(clean):
     assert clean.budget.available("nobody") is None
 
 
-def test_credit_increments_or_sets_from_the_ledger(clean):
+def test_credit_increments_and_never_invents_a_missing_balance(clean):
     b = clean.budget
-    assert b.credit("acme", 500, 500) == 500
-    assert b.credit("acme", 200, 700) == 700
+    assert b.credit("acme", 500) is None and b.available("acme") is None  # the caller rebuilds
+    b.restore("acme", 500, {})
+    assert b.credit("acme", 200) == 700
     b.client.delete(balance_key("acme"))
-    assert b.credit("acme", 100, 800) == 800
+    assert b.credit("acme", 100) is None and b.available("acme") is None
+
+
+def test_restore_puts_holds_back_but_not_one_redis_already_settled(budget):
+    """finalize settles Redis first, then the ledger: a rebuild in between must not
+    resurrect the settled hold, and must count the release Redis already gave."""
+    assert budget.reserve("acme", "settled", 300).ok and budget.reserve("acme", "live", 200).ok
+    budget.settle("acme", "settled", 120)                     # release 180, ledger not yet
+    budget.restore("acme", 500, {"settled": 300, "live": 200})  # the ledger still holds both
+    assert budget.available("acme") == 500 + 180
+    assert budget.reservation("acme", "settled") is None and budget.reservation("acme", "live") == 200
+    assert [h[0] for h in budget.holds("acme")] == ["live"]
+    assert budget.settle("acme", "settled", 120).replayed   # the ledger catches up; Redis moves nothing
+    assert budget.available("acme") == 680
 
 
 def test_scripts_reload_after_a_script_flush(budget):

@@ -50,7 +50,6 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
 
 from dpp.adapters.aws import client
 from dpp.adapters.repository import RunRepository
@@ -333,8 +332,8 @@ class MoneyModel(RuleBasedStateMachine):
         assert after.funded == m.funded
         if before is not None:
             assert self.deps.budget.available(tenant) == before + amount
-        # credit.lua sets a missing balance from the ledger: the product takes the
-        # mirror as restored from here on (hold() will not rebuild it again).
+        # A top-up on a missing mirror rebuilds it from the ledger, live holds
+        # included: the mirror is restored from here on.
         m.lost = False
 
     # --- submissions -----------------------------------------------------------------
@@ -771,8 +770,8 @@ def test_the_money_model_holds_under_every_sequence(model_deps):
 
 
 # --- sequences the model found, replayed step by step ------------------------------
-# Each is a product bug, open when this file was written: strict xfail, so the
-# fix turns them XPASS and fails the run until its marker is removed.
+# Each was a product bug (the comment in each test says what it did), replayed
+# here so it stays fixed whatever the random search happens to draw.
 
 
 def _checked(machine: MoneyModel) -> MoneyModel:
@@ -792,43 +791,39 @@ def _held_run(machine: MoneyModel, cap: int) -> tuple[str, str]:
     return tenant_id, run_id
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: a top-up after Redis lost the tenant sets the balance (credit.lua) but not "
-    "the live holds, so their settle cannot give the release back: Redis ends short"))
 def test_a_top_up_after_a_redis_loss_restores_the_live_holds(model_deps):
     machine = MoneyModel(model_deps)
     tenant_id, _ = _held_run(machine, 10_000)
     machine.lose_redis(rebuild_now=False)
     _checked(machine)
+    # Was: credit.lua set only the balance, so the run's hold stayed lost and its
+    # settle could not give the release back (Redis 90,001 != ledger 100,001).
     machine.top_up(tenant_id, 1)
-    _checked(machine)  # the run's hold is not back in Redis
+    _checked(machine)
     machine.time_passes()
-    _checked(machine)  # and once it settles: redis 90,001 != ledger 100,001
+    _checked(machine)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: ledger.rebuild during finalize's Redis-settled/ledger-pending window puts the "
-    "settled hold back and drops the release Redis already gave: Redis ends short"))
 def test_a_rebuild_while_a_settlement_is_half_committed_keeps_the_mirror(model_deps):
     machine = MoneyModel(model_deps)
     tenant_id, run_id = _held_run(machine, 10_000)
     machine.execute_run(run_id, "after_redis_settle")
     _checked(machine)
+    # Was: the rebuild put the settled run's hold back and dropped the release Redis
+    # had given; the reconcile's settle replayed the receipt (Redis 90,000 != 94,200).
     machine.operator_rebuild(tenant_id)
-    _checked(machine)  # the settled run is held again in Redis
+    _checked(machine)
     machine.time_passes()
-    _checked(machine)  # and after the reconcile: redis 90,000 != ledger 94,200
+    _checked(machine)
 
 
-@pytest.mark.xfail(strict=True, raises=IntegrityError, reason=(
-    "bug: while a settlement is released in Redis but not yet in the ledger, the gate "
-    "admits a cap the ledger cannot back; submit_run leaks the CHECK violation (500) "
-    "instead of answering 402 InsufficientBudget"))
 def test_a_cap_only_redis_can_cover_is_refused_with_402(model_deps):
     machine = MoneyModel(model_deps)
     tenant_id, run_id = _held_run(machine, 60_000)
     machine.execute_run(run_id, "after_redis_settle")  # Redis gave 54,200 back; the ledger still holds it
     _checked(machine)
+    # Was: the ledger's CHECK (available >= 0) escaped submit_run as a 500; now 402
+    # with the ledger's available, nothing held (_submit predicts exactly that).
     machine.keys += 1
     machine._submit(machine.t[tenant_id], f"k{machine.keys}", Submission("decision", DECISION, 80_000, ""), None)
     _checked(machine)

@@ -110,12 +110,13 @@ def _outcome(label: str, call):
 
 
 def _scenario(budget: RedisBudget, limiter: RedisRateLimiter, tenant: str, scale: int) -> list:
-    """Every script and the MULTI pipeline, in the order SPEC §2 describes; a transcript."""
+    """Every script, in the order SPEC §2 describes; a transcript."""
     b, t = budget, tenant
     steps = [
         ("reserve before any credit", lambda: b.reserve(t, "r0", 1)),
-        ("credit sets a missing balance", lambda: b.credit(t, 1_000 * scale, 1_000 * scale)),
-        ("credit increments", lambda: b.credit(t, 500 * scale, 1_500 * scale)),
+        ("credit finds no balance", lambda: b.credit(t, 1_000 * scale)),
+        ("restore sets a missing balance", lambda: b.restore(t, 1_000 * scale, {})),
+        ("credit increments", lambda: b.credit(t, 500 * scale)),
         ("reserve ok", lambda: b.reserve(t, "r1", 300 * scale)),
         ("reserve insufficient", lambda: b.reserve(t, "r2", 5_000 * scale)),
         ("reserve the same run twice", lambda: b.reserve(t, "r1", 300 * scale)),
@@ -128,8 +129,8 @@ def _scenario(budget: RedisBudget, limiter: RedisRateLimiter, tenant: str, scale
         ("release twice", lambda: b.release(t, "r3")),
         ("reserve before restore", lambda: b.reserve(t, "r4", 250 * scale)),
         ("available before restore", lambda: b.available(t)),
-        ("restore (MULTI over one tag)",
-         lambda: b.restore(t, 1_000 * scale, {"r4": 250 * scale, "r5": 100 * scale})),
+        ("restore (one script over one tag)",
+         lambda: b.restore(t, 1_000 * scale, {"r1": 300 * scale, "r4": 250 * scale, "r5": 100 * scale})),
         ("available after restore", lambda: b.available(t)),
         ("restored hold r4", lambda: b.reservation(t, "r4")),
         ("restored hold r5", lambda: b.reservation(t, "r5")),
@@ -140,7 +141,7 @@ def _scenario(budget: RedisBudget, limiter: RedisRateLimiter, tenant: str, scale
         ("receipt r4", lambda: b.receipt(t, "r4")),
         ("receipt r5", lambda: b.receipt(t, "r5")),
         ("no receipt for a released run", lambda: b.receipt(t, "r3")),
-        ("credit after all that", lambda: b.credit(t, 7, 0)),
+        ("credit after all that", lambda: b.credit(t, 7)),
         ("final available", lambda: b.available(t)),
     ]
     steps += [(f"rate limit runs #{i}", lambda: limiter.hit(t, "runs", 60)) for i in range(1, 6)]
@@ -202,15 +203,17 @@ def test_every_script_gives_the_same_results_on_the_cluster_as_on_one_node(
         # The scenario is not vacuous: the outcomes are the ones SPEC §2 describes.
         got = dict(on_cluster)
         assert got["reserve before any credit"] == ("raised", "BudgetMissing")
+        assert got["credit finds no balance"] is None and got["credit increments"] == 1_500 * scale
         assert got["reserve ok"].ok and not got["reserve insufficient"].ok
         assert got["reserve the same run twice"] == got["reserve ok"]
         assert got["settle replay"].replayed and not got["settle"].replayed
         assert got["reserve a settled run"] == ("raised", "AlreadySettled")
         assert got["settle without hold"].reservation_missing
         assert (got["release"], got["release twice"]) == (400 * scale, 0)
-        assert got["available after restore"] == 1_000 * scale
+        # r1 was settled in Redis (its receipt): no hold again, its release counts.
+        assert got["available after restore"] == 1_000 * scale + 180 * scale
         assert (got["restored hold r4"], got["restored hold r5"]) == (250 * scale, 100 * scale)
-        assert got["final available"] == 1_000 * scale + 60 * scale - 10 * scale + 7
+        assert got["final available"] == 1_000 * scale + 180 * scale + 60 * scale - 10 * scale + 7
         assert [got[f"rate limit runs #{i}"].position for i in range(1, 6)] == [1, 2, 3, 4, 5]
 
         # Identical final state, key by key (balances, holds, receipts, counters).
@@ -236,15 +239,15 @@ def test_every_script_gives_the_same_results_on_the_cluster_as_on_one_node(
             assert node.dbsize() > 0
 
 
-def test_restore_is_one_transaction_the_cluster_accepts(flushed_cluster, cluster, tenants):
+def test_restore_is_one_script_the_cluster_accepts(flushed_cluster, cluster, tenants):
     budget = RedisBudget(flushed_cluster)
     for tenant in tenants:
         budget.restore(tenant, 4_200, {"a": 10, "b": 20})
         assert budget.available(tenant) == 4_200
         assert (budget.reservation(tenant, "a"), budget.reservation(tenant, "b")) == (10, 20)
         assert budget.settle(tenant, "b", 5).release_micros == 15 and budget.available(tenant) == 4_215
-    # Contrast: the same kind of MULTI over two tenants' keys is refused, so restore's
-    # success above is the one-tag design working, not the cluster being lenient.
+    # Contrast: a MULTI over two tenants' keys is refused, so restore's success
+    # above is the one-tag design working, not the cluster being lenient.
     a, b = tenants[0], tenants[1]
     assert cluster.slot_owner(key_slot(a.encode())) != cluster.slot_owner(key_slot(b.encode()))
     pipe = flushed_cluster.pipeline(transaction=True)
@@ -258,7 +261,7 @@ def test_restore_is_one_transaction_the_cluster_accepts(flushed_cluster, cluster
 def test_scripts_reload_on_every_master_after_a_script_flush(flushed_cluster, tenants):
     budget, limiter = RedisBudget(flushed_cluster), RedisRateLimiter(flushed_cluster)
     for tenant in tenants:
-        budget.credit(tenant, 100, 100)
+        budget.restore(tenant, 100, {})
     flushed_cluster.script_flush()  # every primary forgets every script
     for tenant in tenants:
         assert budget.reserve(tenant, "r1", 60).ok
