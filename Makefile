@@ -14,7 +14,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv run test unit services stop clean chaos deploy-check
+.PHONY: venv run test unit services stop clean chaos deploy-check bench
 
 venv: $(STAMP)
 
@@ -55,3 +55,13 @@ clean:
 CHAOS_TRIALS ?= 30
 chaos: venv
 	$(PY) scripts/chaos.py --trials $(CHAOS_TRIALS)
+
+# Benchmarks beside the bare stack (bench/run.py): build/bench.json, docs/BENCHMARKS.md.
+# BENCH_QUICK=1 for a run of a few minutes.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	BENCH_QUICK=$(BENCH_QUICK) $(PY) bench/run.py
