@@ -462,13 +462,20 @@ class Bench:
         db = client.connection_pool.connection_kwargs.get("db", 0)
         seconds = SIZES["budget_seconds"]
         n = 40_000 if QUICK else 120_000
+        before = _evalsha_stats(client)
         out = subprocess.run(["redis-benchmark", "-h", host, "-p", str(port), "-n", str(n), "-c", "4", "-q",
                               "--dbnum", str(db), "EVALSHA", sha, "0"], capture_output=True, text=True, timeout=300)
         bare = float(out.stdout.replace("\r", "\n").strip().splitlines()[-1].split(":")[1].split()[0])
+        middle = _evalsha_stats(client)
         pairs = subprocess.run(
             [sys.executable, str(Path(__file__).with_name("budget_pairs.py")), url, str(seconds), "4"],
             capture_output=True, text=True, timeout=seconds + 120, env=self.env)
         ours = float(pairs.stdout.strip().splitlines()[-1])
+        after = _evalsha_stats(client)
+        # Redis's own time per EVALSHA (INFO commandstats deltas): the scripts' cost on
+        # the server, apart from the clients that call them.
+        self.details["redis_usec_per_evalsha_trivial"] = round((middle[1] - before[1]) / max(1, middle[0] - before[0]), 2)
+        self.details["redis_usec_per_evalsha_ours"] = round((after[1] - middle[1]) / max(1, after[0] - middle[0]), 2)
         self.details["redis_evalsha_trivial_per_s"] = round(bare, 1)
         self.details["reserve_settle_pairs_per_s"] = round(ours, 1)
         self.results["budget_ops_ratio"] = ours / bare
@@ -478,6 +485,12 @@ class Bench:
             pids = [proc.pid] + [int(p) for p in subprocess.run(
                 ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
             self.details[f"rss_mib_{role}"] = {str(pid): round(_rss_kib(pid) / 1024, 1) for pid in pids}
+
+
+def _evalsha_stats(client) -> tuple[int, int]:
+    """(calls, usec) of EVALSHA on the server so far."""
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
 
 def _steady_rate(ends: list[float]) -> float:
