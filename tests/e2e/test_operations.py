@@ -24,6 +24,7 @@ import requests
 
 from tests.conftest import assert_invariants, make_tenant
 from tests.e2e.conftest import BIN, ROOT, devstack
+from tests.support.wait import wait_for
 from tests.support.inputs import DECISION, DECISION_COST_MICROS
 
 LEASE_SEC, REAPER_SEC = 3, 2
@@ -88,16 +89,6 @@ def ops(settings, tmp_path_factory):
         devstack.stop_processes([procs[r] for r in ("flower", "beat", "worker", "peer", "api") if r in procs])
         for queue in (name, f"{name}-dlq"):
             sqs.delete_queue(QueueUrl=sqs.get_queue_url(QueueName=queue)["QueueUrl"])
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def submit(ops, key: str, body: dict, trace_id: str) -> str:

@@ -26,6 +26,7 @@ from dpp.bootstrap import Deps
 from dpp.services import sweeps
 from tests.conftest import assert_invariants, make_tenant
 from tests.e2e.conftest import BIN, ROOT, devstack
+from tests.support.wait import wait_for
 from tests.support.inputs import DECISION, DECISION_COST_MICROS
 
 LEASE_SEC, HEARTBEAT_SEC, VISIBILITY_SEC, THRESHOLD_SEC = 3, 1, 5, 3
@@ -137,16 +138,6 @@ def sweep_until_terminal(deps, run_id, timeout):
             return row
         time.sleep(1)
     raise AssertionError(f"run {run_id} not terminal after {timeout}s: {dict(run_row(deps, run_id))}")
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def spent(deps, tenant_id):
