@@ -72,13 +72,14 @@ class WorkQueueMissing(DoesNotExistQueueException):
 class Channel(SQSChannel):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Known URLs (SQS_QUEUE_URL): no ListQueues or GetQueueUrl for them.
         self._work_queues = set()
         for name, url in (self.transport_options.get("work_queues") or {}).items():
             self._work_queues.add(self.canonical_queue_name(name))
-            if url:
+            if url:  # a known URL (SQS_QUEUE_URL): no ListQueues or GetQueueUrl for it
                 self._queue_cache[self.canonical_queue_name(name)] = url
-        self._touched: dict[str, float] = {}  # queue URL -> monotonic time we last tagged it
+        # Per connection, not per channel: Flower opens a channel per inspection,
+        # and each would otherwise tag its reply queue again.
+        self._touched = self.connection._touched  # queue URL -> monotonic time we last tagged it
 
     # -- broadcast: exchanges ------------------------------------------------------------
 
@@ -254,6 +255,7 @@ class Transport(SQSTransport):
     def __init__(self, client, **kwargs):
         super().__init__(client, **kwargs)
         self._topic_arns: dict[str, str] = {}  # exchange -> SNS topic ARN, for all channels
+        self._touched: dict[str, float] = {}    # temporary queue URL -> when last tagged (monotonic)
 
 
 def sweep_temporary_queues(channel: Channel, exchanges, namespace: str, now: float | None = None) -> dict:
