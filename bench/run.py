@@ -185,6 +185,7 @@ class Bench:
         self.procs: dict = {}
         self.results: dict = {}
         self.details: dict = {}
+        self.plots: dict = {}  # name -> {series label: latencies in ms}, drawn as PNGs
         self.logs = BUILD / "bench-logs"
 
     # -- set-up ---------------------------------------------------------------------
@@ -256,7 +257,6 @@ class Bench:
 
     def drain_queue(self) -> None:
         """Delete the queue's messages (moto slows down as a queue deepens)."""
-        sqs = self.deps.sqs.client if hasattr(self.deps.sqs, "client") else None
         from dpp.adapters.aws import client
 
         sqs = client(self.deps.settings, "sqs", self.deps.settings.sqs_endpoint_url)
@@ -280,7 +280,6 @@ class Bench:
         """moto's own SendMessage/s with the same client concurrency, on an empty queue."""
         from dpp.adapters.aws import client
 
-        sqs = client(self.deps.settings, "sqs", self.deps.settings.sqs_endpoint_url)
         url = self.deps.settings.sqs_queue_url
         seconds, sent = SIZES["http_seconds"] / 2, []
 
@@ -296,7 +295,6 @@ class Bench:
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(loop, range(8)))
         self.details["moto_send_message_per_s"] = round(sum(sent) / seconds, 1)
-        del sqs
         self.drain_queue()
 
     def submit_throughput(self) -> None:
@@ -560,7 +558,6 @@ def main() -> int:
     if not devstack.shutil.which("wrk"):
         devstack._apt_install("wrk")
     bench = Bench()
-    bench.plots = {}
     steps = [("moto's SendMessage ceiling", bench.moto_ceiling),
              ("POST /v1/runs vs /health: max throughput (wrk)", bench.submit_throughput),
              ("p95 latency at 100 req/s", bench.submit_latency),
