@@ -39,7 +39,8 @@ def ops(settings, tmp_path_factory):
                        aws_access_key_id="testing", aws_secret_access_key="testing")
     name = f"dpp-ops-{uuid.uuid4().hex[:6]}"
     queue_url = devstack.ensure_queue(name, settings.aws_region, settings.sqs_endpoint_url)
-    ports = {role: devstack.free_port() for role in ("api", "flower", "worker", "peer", "beat")}
+    roles = ("api", "flower", "worker", "peer", "beat")
+    ports = dict(zip(roles, devstack.free_ports(len(roles))))
     worker_name = f"ops-{ports['worker']}@%h"
     env = {
         **os.environ,
@@ -70,7 +71,8 @@ def ops(settings, tmp_path_factory):
             procs[role] = devstack.start_process(argv, env={**env, **extra}, log_path=state / f"{role}.log")
         api = f"http://127.0.0.1:{ports['api']}"
         devstack.wait_http(f"{api}/health", timeout=30)
-        devstack.wait_http(f"http://127.0.0.1:{ports['worker']}/healthz", timeout=60, status=200)
+        for role in ("worker", "peer", "beat"):
+            devstack.wait_http(f"http://127.0.0.1:{ports[role]}/healthz", timeout=60, status=200)
         devstack.wait_http(f"http://127.0.0.1:{ports['flower']}/healthcheck", timeout=60)
         # Events are fire-and-forget: Flower sees only tasks that run after its event
         # queue is subscribed to the events topic, which its capture thread does a
