@@ -38,6 +38,18 @@ def engine_for(settings: Settings) -> Engine:
     return engine
 
 
+_makers: dict[Engine, sessionmaker] = {}
+
+
+def _sessions_for(engine: Engine) -> sessionmaker:
+    # One sessionmaker per engine: building one creates a Session subclass and
+    # sets up its event dispatch, which cost more than a short query (profiled).
+    maker = _makers.get(engine)
+    if maker is None:
+        maker = _makers[engine] = sessionmaker(bind=engine, expire_on_commit=False)
+    return maker
+
+
 class Database:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -49,7 +61,7 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One unit of work: commit on success, roll back on any exception."""
-        session = sessionmaker(bind=self.engine, expire_on_commit=False)()
+        session = _sessions_for(self.engine)()
         try:
             with session.begin():
                 yield session

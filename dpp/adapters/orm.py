@@ -110,6 +110,9 @@ ACTIVE = "status IN ('QUEUED', 'PROCESSING')"
 
 class Run(Base):
     __tablename__ = "runs"
+    # Server defaults (created_at, version, …) come back in the INSERT's RETURNING,
+    # so a submission answers from the row it wrote without reading it again.
+    __mapper_args__ = {"eager_defaults": True}
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))

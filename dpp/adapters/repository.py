@@ -55,6 +55,18 @@ class RunRepository:
             stmt = stmt.with_for_update()
         return self.session.execute(stmt).scalar_one_or_none()
 
+    def get_with_now(self, run_id: str, *, for_update: bool = False) -> tuple[orm.Run | None, datetime]:
+        """The run and the database's clock (see `utcnow`) in one round trip."""
+        try:
+            key = uuid.UUID(str(run_id))
+        except ValueError:
+            return None, utcnow(self.session)
+        stmt = select(orm.Run, func.now()).where(orm.Run.id == key)
+        if for_update:
+            stmt = stmt.with_for_update(of=orm.Run)
+        found = self.session.execute(stmt).one_or_none()
+        return (found[0], found[1]) if found is not None else (None, utcnow(self.session))
+
     def get_for_tenant(self, tenant_id: str, run_id: str) -> orm.Run | None:
         run = self.get(run_id)
         # Another tenant's run is indistinguishable from a missing one (SPEC §4: 404).
@@ -101,6 +113,22 @@ class TenantRepository:
 
     def plan(self, plan_id: str) -> orm.Plan | None:
         return self.session.get(orm.Plan, plan_id)
+
+    def retention_days(self, tenant_id: str) -> int:
+        return self.session.execute(
+            select(orm.Plan.retention_days).join(orm.Tenant, orm.Tenant.plan_id == orm.Plan.id)
+            .where(orm.Tenant.id == tenant_id)
+        ).scalar_one()
+
+    def credentials(self, key_hash: str) -> tuple[orm.ApiKey, orm.Tenant, orm.Plan] | None:
+        """The key with its tenant and plan, in one round trip (every request asks)."""
+        row = self.session.execute(
+            select(orm.ApiKey, orm.Tenant, orm.Plan)
+            .join(orm.Tenant, orm.Tenant.id == orm.ApiKey.tenant_id)
+            .join(orm.Plan, orm.Plan.id == orm.Tenant.plan_id)
+            .where(orm.ApiKey.key_hash == key_hash)
+        ).one_or_none()
+        return None if row is None else tuple(row)
 
     def key_by_hash(self, key_hash: str) -> orm.ApiKey | None:
         return self.session.execute(

@@ -41,17 +41,21 @@ class Outcome:
     settled: bool
 
 
-def claim(deps, run_id: str, lease_token: str) -> None:
-    """Phase 1. Raises LeaseLost when this worker may no longer finalize."""
+def claim(deps, run_id: str, lease_token: str):
+    """Phase 1. Raises LeaseLost when this worker may no longer finalize.
+
+    Returns the run row as read by the claim and the database's time of it.
+    """
     with deps.db.transaction() as session:
         repo = RunRepository(session)
-        row = repo.get(run_id)
+        row, now = repo.get_with_now(run_id)
         try:
-            changes = machine.claim_finalize(snapshot(row), token=lease_token, now=utcnow(session))
+            changes = machine.claim_finalize(snapshot(row), token=lease_token, now=now)
         except InvalidTransition as exc:
             raise LeaseLost(str(exc)) from exc
         if not repo.apply(snapshot(row), changes):
             raise LeaseLost("run changed under the finalize claim")
+    return row, now
 
 
 def envelope(deps, row, result: PackResult, finished_at) -> bytes:
@@ -76,11 +80,8 @@ def envelope(deps, row, result: PackResult, finished_at) -> bytes:
 
 def complete(deps, run_id: str, lease_token: str, result: PackResult) -> Outcome:
     """CLAIM -> upload -> COMMIT for a pack that finished."""
-    claim(deps, run_id, lease_token)
+    row, now = claim(deps, run_id, lease_token)  # now: the finish time the envelope records
     fault_point("after_finalize_claim")
-    with deps.db.transaction() as session:
-        row = RunRepository(session).get(run_id)
-        now = utcnow(session)
     charge = min(result.actual_cost_micros, row.reserved_micros)
     key = result_key(row.tenant_id, run_id)
     deps.results.put(key, envelope(deps, row, result, now), charge)
@@ -90,9 +91,8 @@ def complete(deps, run_id: str, lease_token: str, result: PackResult) -> Outcome
 
 def fail_started(deps, run_id: str, lease_token: str, code: ErrorCode, message: str) -> Outcome:
     """A pack that started and failed: CLAIM, then COMMIT at the minimum fee."""
-    claim(deps, run_id, lease_token)
-    with deps.db.transaction() as session:
-        snap = snapshot(RunRepository(session).get(run_id))
+    row, _ = claim(deps, run_id, lease_token)
+    snap = snapshot(row)
     return commit(deps, run_id, RunStatus.FAILED, machine.failure_charge(snap, started=True), code=code, message=message)
 
 
@@ -145,11 +145,10 @@ def commit(
 
     with deps.db.transaction() as session:
         repo = RunRepository(session)
-        row = repo.get(run_id, for_update=True)
+        row, now = repo.get_with_now(run_id, for_update=True)
         snap = snapshot(row)
         if snap.finalize_stage is FinalizeStage.COMMITTED:
             return Outcome(run_id, row.status, row.actual_cost_micros or 0, settled=False)
-        now = utcnow(session)
         if status is RunStatus.COMPLETED:
             changes = machine.commit_completed(snap, actual_cost_micros=settlement.charge_micros, now=now)
             retention_days = _retention_days(session, row.tenant_id)
@@ -186,8 +185,7 @@ def commit(
 def _retention_days(session, tenant_id: str) -> int:
     from dpp.adapters.repository import TenantRepository
 
-    repo = TenantRepository(session)
-    return repo.plan(repo.get(tenant_id).plan_id).retention_days
+    return TenantRepository(session).retention_days(tenant_id)
 
 
 def flag_audit_required(deps, run_id: str, reason: str) -> str:

@@ -20,7 +20,7 @@ import threading
 import time
 
 from dpp import metrics
-from dpp.adapters.repository import RunRepository, snapshot, utcnow
+from dpp.adapters.repository import RunRepository, snapshot
 from dpp.domain import runs as machine
 from dpp.domain.errors import InvalidTransition
 
@@ -65,10 +65,10 @@ class Heartbeat:
         ttl = self.deps.settings.worker_lease_ttl_sec
         with self.deps.db.transaction() as session:
             repo = RunRepository(session)
-            row = repo.get(self.run_id)
+            row, now = repo.get_with_now(self.run_id)
             snap = snapshot(row)
             try:
-                changes = machine.extend_lease(snap, token=self.lease_token, now=utcnow(session), ttl_sec=ttl)
+                changes = machine.extend_lease(snap, token=self.lease_token, now=now, ttl_sec=ttl)
             except InvalidTransition:
                 return False
             if not repo.apply(snap, changes):

@@ -1,7 +1,8 @@
 """Submit a run: validate, reserve, record, enqueue (SPEC §3 "Submission").
 
 Safe against a crash between any two steps:
-  hold (Redis) -> run row + RESERVE (one PostgreSQL transaction) -> enqueue.
+  idempotency lookup, hold (Redis), run row + RESERVE (one PostgreSQL
+  transaction, committed after the hold) -> enqueue.
 - The row insert fails: the hold is released here, nothing was recorded.
 - The enqueue fails: the run is settled at 0 (never started) before we answer
   503, and its idempotency key is given back so the agent's retry can succeed.
@@ -15,14 +16,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dpp import metrics
 from dpp.adapters import orm
 from dpp.adapters.repository import RunRepository
 from dpp.domain.canonical import sha256_hex
 from dpp.domain.errors import (
-    DependencyUnavailable, DppError, Forbidden, IdempotencyMismatch, InsufficientBudget, PlanViolation,
+    DependencyUnavailable, Forbidden, IdempotencyMismatch, InsufficientBudget, PlanViolation,
 )
 from dpp.domain.money import format_usd
 from dpp.domain.runs import ErrorCode, RunStatus
@@ -53,48 +54,34 @@ def payload_hash(sub: Submission) -> str:
 
 def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission, trace_id: str) -> Submitted:
     digest = payload_hash(sub)
-    earlier = _earlier(deps, principal.tenant_id, idempotency_key, digest)
-    if earlier is not None:
-        return Submitted(earlier, replayed=True)
-
-    pack = deps.packs.get(sub.pack_type)
-    if sub.pack_type not in principal.allowed_pack_types:
-        raise Forbidden(f"pack_type {sub.pack_type!r} is not in plan {principal.plan_id!r}")
-    inputs = pack.validate(sub.inputs)
-    if sub.max_cost_micros > principal.max_cost_per_run_micros:
-        raise PlanViolation(
-            f"max_cost_usd exceeds plan {principal.plan_id!r} limit of "
-            f"{format_usd(principal.max_cost_per_run_micros)}",
-            field="max_cost_usd",
-        )
-    price = pack.min_price_micros(inputs)
-    if sub.max_cost_micros < price:
-        raise PlanViolation(
-            f"max_cost_usd {format_usd(sub.max_cost_micros)} is below this run's price {format_usd(price)}",
-            field="max_cost_usd",
-        )
-
     run_id = str(uuid.uuid4())
-    ledger.hold(deps, principal.tenant_id, run_id, sub.max_cost_micros)
-    fault_point("after_reserve")
+    held = False
     try:
+        # One transaction from the idempotency lookup to the insert: a submission
+        # costs one pool checkout and one commit (profiled: each is a round trip).
         with deps.db.transaction() as session:
+            earlier = _earlier_in(session, principal.tenant_id, idempotency_key, digest)
+            if earlier is not None:
+                return Submitted(earlier, replayed=True)
+            pack, inputs = _admit(deps, principal, sub)
+            ledger.hold(deps, principal.tenant_id, run_id, sub.max_cost_micros)
+            held = True
+            fault_point("after_reserve")
             limits.check_concurrency(session, principal)
-            RunRepository(session).add(
-                orm.Run(
-                    id=uuid.UUID(run_id),
-                    tenant_id=principal.tenant_id,
-                    pack_type=pack.pack_type,
-                    pack_version=pack.version,
-                    inputs=inputs,
-                    idempotency_key=idempotency_key,
-                    payload_hash=digest,
-                    status=RunStatus.QUEUED.value,
-                    reserved_micros=sub.max_cost_micros,
-                    minimum_fee_micros=principal.minimum_fee_micros,
-                    trace_id=trace_id,
-                )
+            run = orm.Run(
+                id=uuid.UUID(run_id),
+                tenant_id=principal.tenant_id,
+                pack_type=pack.pack_type,
+                pack_version=pack.version,
+                inputs=inputs,
+                idempotency_key=idempotency_key,
+                payload_hash=digest,
+                status=RunStatus.QUEUED.value,
+                reserved_micros=sub.max_cost_micros,
+                minimum_fee_micros=principal.minimum_fee_micros,
+                trace_id=trace_id,
             )
+            RunRepository(session).add(run)  # server defaults come back in the INSERT's RETURNING
             ledger.record_reservation(session, principal.tenant_id, run_id, sub.max_cost_micros)
     except IntegrityError as exc:
         ledger.unhold(deps, principal.tenant_id, run_id)
@@ -111,8 +98,9 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             raise DependencyUnavailable("database", "idempotency race") from exc
         return Submitted(earlier, replayed=True)
     except BaseException as exc:
-        ledger.unhold(deps, principal.tenant_id, run_id)
-        if isinstance(exc, Exception) and not isinstance(exc, DppError):
+        if held:
+            ledger.unhold(deps, principal.tenant_id, run_id)
+        if isinstance(exc, SQLAlchemyError):
             raise DependencyUnavailable("database", type(exc).__name__) from exc
         raise
 
@@ -130,13 +118,38 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
     metrics.MONEY_RESERVED.inc(sub.max_cost_micros)
     log.info("run submitted", extra={"run_id": run_id, "tenant_id": principal.tenant_id,
                                      "pack_type": pack.pack_type, "reserved_micros": sub.max_cost_micros})
-    with deps.db.transaction() as session:
-        return Submitted(RunRepository(session).get(run_id), replayed=False)
+    # The row as inserted: the answer to a submission is always QUEUED (SPEC §4).
+    return Submitted(run, replayed=False)
+
+
+def _admit(deps, principal: Principal, sub: Submission):
+    """The pack and its validated inputs, or the reason the plan refuses them."""
+    pack = deps.packs.get(sub.pack_type)
+    if sub.pack_type not in principal.allowed_pack_types:
+        raise Forbidden(f"pack_type {sub.pack_type!r} is not in plan {principal.plan_id!r}")
+    inputs = pack.validate(sub.inputs)
+    if sub.max_cost_micros > principal.max_cost_per_run_micros:
+        raise PlanViolation(
+            f"max_cost_usd exceeds plan {principal.plan_id!r} limit of "
+            f"{format_usd(principal.max_cost_per_run_micros)}",
+            field="max_cost_usd",
+        )
+    price = pack.min_price_micros(inputs)
+    if sub.max_cost_micros < price:
+        raise PlanViolation(
+            f"max_cost_usd {format_usd(sub.max_cost_micros)} is below this run's price {format_usd(price)}",
+            field="max_cost_usd",
+        )
+    return pack, inputs
 
 
 def _earlier(deps, tenant_id: str, key: str, digest: str) -> orm.Run | None:
     with deps.db.transaction() as session:
-        run = RunRepository(session).by_idempotency_key(tenant_id, key)
+        return _earlier_in(session, tenant_id, key, digest)
+
+
+def _earlier_in(session, tenant_id: str, key: str, digest: str) -> orm.Run | None:
+    run = RunRepository(session).by_idempotency_key(tenant_id, key)
     if run is not None and run.payload_hash != digest:
         raise IdempotencyMismatch("Idempotency-Key was used with a different payload")
     return run

@@ -103,15 +103,14 @@ def authenticate(deps, presented: str | None) -> Principal:
     digest = keys.key_hash(presented)
     with deps.db.transaction() as session:
         repo = TenantRepository(session)
-        row = repo.key_by_hash(digest)
-        if row is None or not hmac.compare_digest(row.key_hash, digest):
+        found = repo.credentials(digest)
+        if found is None or not hmac.compare_digest(found[0].key_hash, digest):
             raise AuthenticationFailed("unknown API key")
+        row, tenant, plan = found
         if row.revoked_at is not None:
             raise Forbidden("API key revoked")
-        tenant = repo.get(row.tenant_id)
         if tenant.status != "active":
             raise Forbidden("tenant suspended")
-        plan = repo.plan(tenant.plan_id)
         return Principal(
             tenant_id=tenant.id,
             plan_id=plan.id,

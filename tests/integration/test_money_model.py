@@ -427,7 +427,7 @@ class MoneyModel(RuleBasedStateMachine):
         """The worker claims the lease and dies before the pack starts."""
         r = self.r[run]
         before = self.money_snapshot()
-        result = execute._claim_lease(self.deps, run)
+        result, _ = execute._claim_lease(self.deps, run)
         if r.phase == QUEUED:
             assert result.startswith("lease:")
             r.phase, r.started = LEASED, True

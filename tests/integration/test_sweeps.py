@@ -37,7 +37,7 @@ def submitted(deps, key, n=1):
 
 
 def leased(deps, run_id) -> str:
-    token = execute._claim_lease(deps, run_id)
+    token, _ = execute._claim_lease(deps, run_id)
     assert token.startswith("lease:")
     return token.removeprefix("lease:")
 
