@@ -14,7 +14,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv run test unit services stop clean chaos deploy-check bench
+.PHONY: venv run test unit services stop clean chaos deploy-check bench bench-profile
 
 venv: $(STAMP)
 
@@ -65,3 +65,7 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	BENCH_QUICK=$(BENCH_QUICK) $(PY) bench/run.py
+
+# py-spy samples of the API and the worker under load (bench/profile.py): build/profile/.
+bench-profile: $(BENCH_STAMP)
+	$(PY) bench/profile.py

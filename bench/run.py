@@ -105,7 +105,7 @@ function init(args) math.randomseed(os.time() + tid * 7919) end
 request = function()
   counter = counter + 1
   local key = string.format("wrk-%d-%d-%d", tid, math.random(1000000000), counter)
-  return wrk.format("POST", "/v1/runs", {
+  return wrk.format("POST", "@PATH@", {
     ["Authorization"] = "Bearer @KEY@", ["Idempotency-Key"] = key,
     ["Content-Type"] = "application/json"}, '@BODY@')
 end
@@ -169,6 +169,11 @@ class Api:
             headers={"Authorization": f"Bearer {self.key}", "Idempotency-Key": uuid.uuid4().hex})
         assert r.status_code == 201, r.text
         return r.json()["run_id"]
+
+    def publish(self, _i=None) -> None:
+        r = self.session.post(f"{self.base}/publish", timeout=30, json={
+            "pack_type": "decision", "inputs": DECISION, "max_cost_usd": "0.50"})
+        assert r.status_code == 201, r.text
 
     def status(self, run_id: str) -> str:
         return self.session.get(f"{self.base}/v1/runs/{run_id}", timeout=30,
@@ -238,6 +243,17 @@ class Bench:
             devstack.wait_http(f"{self.base}/health", timeout=60, status=200)
         return Api(self.base, self.key)
 
+    def publisher(self) -> str:
+        """A second gunicorn, same settings, serving bench/bare_app.py: POST /publish
+        makes one SQS SendMessage and nothing else."""
+        if "publish" not in self.procs:
+            port = devstack.free_port()
+            self.start("publish", [BIN / "gunicorn", "-b", f"127.0.0.1:{port}", "-w", "2", "bench.bare_app:app"])
+            self.publish_base = f"http://127.0.0.1:{port}"
+            devstack.wait_http(f"{self.publish_base}/publish", timeout=60, status=201)
+            self.drain_queue()
+        return self.publish_base
+
     def worker(self) -> None:
         if "worker" not in self.procs:
             port = devstack.free_port()
@@ -303,15 +319,22 @@ class Bench:
         script = BUILD / "bench-state" / "submit.lua"
         script.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps({"pack_type": "decision", "inputs": DECISION, "max_cost_usd": "0.50"})
-        script.write_text(WRK_SCRIPT.replace("@KEY@", self.key).replace("@BODY@", body.replace("'", "\\'")))
+        script.write_text(WRK_SCRIPT.replace("@KEY@", self.key).replace("@BODY@", body.replace("'", "\\'"))
+                          .replace("@PATH@", "/v1/runs"))
+        publish_script = script.with_name("publish.lua")
+        publish_script.write_text(script.read_text().replace('"/v1/runs"', '"/publish"'))
         seconds = SIZES["http_seconds"]
         bare = wrk(f"{self.base}/health", seconds, 16)
         self.drain_queue()
         ours = wrk(f"{self.base}/v1/runs", seconds, 16, script)
         self.drain_queue()
+        publish = wrk(f"{self.publisher()}/publish", seconds, 16, publish_script)
+        self.drain_queue()
         self.details["bare_health_rps"] = round(bare["rps"], 1)
         self.details["submit_rps"] = round(ours["rps"], 1)
         self.details["submit_non_201"] = ours["non_2xx"]
+        self.details["publish_rps"] = round(publish["rps"], 1)
+        self.details["submit_rps_per_publish_rps"] = round(ours["rps"] / publish["rps"], 3)
         self.results["submit_throughput_ratio"] = ours["rps"] / bare["rps"]
 
     def submit_latency(self) -> None:
@@ -323,8 +346,14 @@ class Bench:
         # The same below moto's SendMessage ceiling, where moto does not queue requests.
         gentle = open_loop(api.submit, 25, seconds)
         self.drain_queue()
-        self.details["submit_p50_ms_at_25rps"] = round(pct(gentle, 0.5), 2)
-        self.details["submit_p95_ms_at_25rps"] = round(pct(gentle, 0.95), 2)
+        publish = Api(self.publisher(), self.key)
+        gentle_publish = open_loop(publish.publish, 25, seconds)
+        self.drain_queue()
+        for name, values in (("submit", gentle), ("publish", gentle_publish)):
+            for q in (0.5, 0.95, 0.99):
+                self.details[f"{name}_p{int(q * 100)}_ms_at_25rps"] = round(pct(values, q), 2)
+        self.details["submit_p95_per_publish_p95_at_25rps"] = round(pct(gentle, 0.95) / pct(gentle_publish, 0.95), 3)
+        self.plots["latency_at_25rps"] = {"bare SendMessage endpoint": gentle_publish, "POST /v1/runs": gentle}
         for name, values in (("bare_health", bare), ("submit", ours)):
             for q in (0.5, 0.95, 0.99):
                 self.details[f"{name}_p{int(q * 100)}_ms_at_100rps"] = round(pct(values, q), 2)
