@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -63,6 +64,27 @@ def test_twenty_concurrent_submissions_against_a_limit_of_ten_admit_exactly_ten(
         spent = s.execute(text("SELECT spent_micros FROM tenant_balances WHERE tenant_id = :t"), {"t": tenant_id}).scalar_one()
     assert spent == 10 * DECISION_COST_MICROS
     assert_invariants(clean)
+
+
+def test_the_answer_to_a_submission_is_the_row_it_wrote_and_a_replay_repeats_it(platform, clean):
+    # The API answers from the inserted row (server defaults from the INSERT's
+    # RETURNING), without reading it back: the answer must match what is stored.
+    tenant_id, key = make_tenant(clean)
+    first = post_run(platform["url"], key, idem="answer-key")
+    assert first.status_code == 201, first.text
+    body = first.json()
+    with clean.db.transaction() as s:
+        stored = s.execute(text("SELECT created_at, reserved_micros FROM runs WHERE id = :id"),
+                           {"id": body["run_id"]}).one()
+    assert body["status"] == "QUEUED" and body["reserved_cost_usd"] == "0.50"
+    assert datetime.fromisoformat(body["created_at"]) == stored.created_at
+    assert first.headers["X-DPP-Cost-Reserved"] == "0.50"
+    assert first.headers["Location"].endswith(f"/v1/runs/{body['run_id']}")
+    again = post_run(platform["url"], key, idem="answer-key")
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == body
+    wait_all_terminal(clean, tenant_id)
+    assert_invariants(clean, [tenant_id])
 
 
 def test_twenty_concurrent_identical_submissions_make_one_run_and_one_reservation(platform, clean):
