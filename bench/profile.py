@@ -9,7 +9,7 @@ botocore, PostgreSQL, Redis) and in Python, and the heaviest functions of our ow
 code; writes the raw stacks to build/profile/ (open them in speedscope or feed them to
 flamegraph.pl) and the tables to build/profile/summary.md.
 
-    make bench-profile                  25 submissions/s for 20 s, 150 runs for the worker
+    make bench-profile                  25 submissions/s then 100 GET/s, 20 s each; 150 runs for the worker
     PROFILE_SECONDS=10 PROFILE_RUNS=60 make bench-profile
 """
 from __future__ import annotations
@@ -103,7 +103,13 @@ def main() -> int:
         latencies = open_loop(api.submit, RATE, SECONDS)
         spy.wait(timeout=120)
         bench.drain_queue()
-        progress.step(f"API sampled at {RATE:g} submissions/s for {SECONDS} s")
+        run_id = api.submit()
+        spy = record(bench.procs["api"].pid, SECONDS + 1, OUT / "api-get.raw")
+        time.sleep(0.5)
+        reads = open_loop(lambda _i: api.status(run_id), 100, SECONDS)
+        spy.wait(timeout=120)
+        bench.drain_queue()
+        progress.step(f"API sampled at {RATE:g} submissions/s, then 100 GET/s, {SECONDS} s each")
 
         ids = [api.submit() for _ in range(RUNS)]
         bench.worker()
@@ -116,12 +122,15 @@ def main() -> int:
         progress.step(f"worker sampled over {RUNS} runs")
     finally:
         bench.down()
-    parts = [summarize("api", parse(OUT / "api.raw"))]
+    parts = [summarize("api", parse(OUT / "api.raw")),
+             summarize("api", parse(OUT / "api-get.raw")).replace("### api:", "### api, GET /v1/runs/{id}:", 1)]
     if (OUT / "worker.raw").exists():
         parts.append(summarize("worker", parse(OUT / "worker.raw")))
     latencies.sort()
+    reads.sort()
     head = (f"Submissions at {RATE:g}/s for {SECONDS} s: p50 {latencies[len(latencies) // 2]:.1f} ms, "
-            f"p95 {latencies[int(len(latencies) * 0.95)]:.1f} ms.\n")
+            f"p95 {latencies[int(len(latencies) * 0.95)]:.1f} ms. GET /v1/runs/{{id}} at 100/s: "
+            f"p50 {reads[len(reads) // 2]:.1f} ms, p95 {reads[int(len(reads) * 0.95)]:.1f} ms.\n")
     summary = head + "\n" + "\n".join(parts)
     (OUT / "summary.md").write_text(summary)
     progress.step("summary written")

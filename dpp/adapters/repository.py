@@ -68,9 +68,12 @@ class RunRepository:
         return (found[0], found[1]) if found is not None else (None, utcnow(self.session))
 
     def get_for_tenant(self, tenant_id: str, run_id: str) -> orm.Run | None:
-        run = self.get(run_id)
+        return self.get_for_tenant_with_now(tenant_id, run_id)[0]
+
+    def get_for_tenant_with_now(self, tenant_id: str, run_id: str) -> tuple[orm.Run | None, datetime]:
+        run, now = self.get_with_now(run_id)
         # Another tenant's run is indistinguishable from a missing one (SPEC §4: 404).
-        return run if run is not None and run.tenant_id == tenant_id else None
+        return (run if run is not None and run.tenant_id == tenant_id else None), now
 
     def by_idempotency_key(self, tenant_id: str, key: str) -> orm.Run | None:
         return self.session.execute(

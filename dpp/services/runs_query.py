@@ -87,8 +87,7 @@ def view(deps, run: orm.Run, now: datetime | None = None, *, presign: bool = Tru
 
 def get_run(deps, tenant_id: str, run_id: str) -> dict | None:
     with deps.db.transaction() as session:
-        run = RunRepository(session).get_for_tenant(tenant_id, run_id)
-        now = utcnow(session)
+        run, now = RunRepository(session).get_for_tenant_with_now(tenant_id, run_id)
     return None if run is None else view(deps, run, now)
 
 
