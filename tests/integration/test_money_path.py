@@ -162,6 +162,42 @@ def test_a_failed_enqueue_gives_everything_back_and_frees_the_key(clean, tenant,
     assert_invariants(clean)
 
 
+def test_a_database_failure_after_the_hold_answers_503_and_holds_nothing(clean, tenant, monkeypatch):
+    """PostgreSQL fails inside the submission's transaction, after Redis holds the cap
+    (a real statement timeout): the hold is given back and nothing is recorded."""
+    from sqlalchemy import text
+
+    from dpp.services import limits
+
+    tenant_id, key = tenant
+    real_check = limits.check_concurrency
+
+    def check_then_time_out(session, who):
+        real_check(session, who)
+        assert clean.budget.available(tenant_id) == 10_000_000 - 500_000  # held by now
+        session.execute(text("SET LOCAL statement_timeout = '10ms'"))
+        session.execute(text("SELECT pg_sleep(1)"))
+
+    monkeypatch.setattr(limits, "check_concurrency", check_then_time_out)
+    with pytest.raises(DependencyUnavailable):
+        submit_run(clean, principal(clean, key), "db-fails", sub(), "t")
+
+    with clean.db.transaction() as session:
+        from dpp.adapters import orm
+
+        assert session.query(orm.Run).filter_by(tenant_id=tenant_id).count() == 0
+    b = books(clean, tenant_id)
+    assert (b.available, b.held, b.spent) == (10_000_000, 0, 0)
+    assert clean.budget.available(tenant_id) == 10_000_000
+    assert_invariants(clean)
+
+    monkeypatch.undo()
+    retry = submit_run(clean, principal(clean, key), "db-fails", sub(), "t")
+    assert not retry.replayed
+    execute.execute_run(clean, str(retry.run.id))
+    assert_invariants(clean)
+
+
 def test_a_pack_that_fails_after_starting_pays_the_minimum_fee(clean, tenant):
     tenant_id, key = tenant
     run_id = str(submit_run(clean, principal(clean, key), "boom", sub({}, "boom", 100_000), "t").run.id)
