@@ -59,7 +59,7 @@ def parse(path: Path) -> list[tuple[list[str], int]]:
     return stacks
 
 
-def summarize(role: str, stacks: list[tuple[list[str], int]]) -> str:
+def summarize(role: str, stacks: list[tuple[list[str], int]], title: str | None = None) -> str:
     busy = [(frames, n) for frames, n in stacks if any(m in f for f in frames for m in BUSY[role])]
     total = sum(n for _, n in busy) or 1
     buckets: collections.Counter = collections.Counter()
@@ -71,7 +71,7 @@ def summarize(role: str, stacks: list[tuple[list[str], int]]) -> str:
         # Inclusive time of each of our functions (once per sample even when recursive).
         for frame in {f for f in frames if "/dpp/" in f or "(dpp/" in f or "/tasks/" in f}:
             ours[_short(frame)] += n
-    lines = [f"### {role}: {total} samples inside a {'request' if role == 'api' else 'task'} (200 Hz, wall clock)", "",
+    lines = [f"### {title or role}: {total} samples inside a {'request' if role == 'api' else 'task'} (200 Hz, wall clock)", "",
              "| where | share |", "|---|---:|"]
     lines += [f"| {label} | {100 * n / total:.1f} % |" for label, n in buckets.most_common()]
     lines += ["", "| our function (inclusive) | share |", "|---|---:|"]
@@ -123,7 +123,7 @@ def main() -> int:
     finally:
         bench.down()
     parts = [summarize("api", parse(OUT / "api.raw")),
-             summarize("api", parse(OUT / "api-get.raw")).replace("### api:", "### api, GET /v1/runs/{id}:", 1)]
+             summarize("api", parse(OUT / "api-get.raw"), "api, GET /v1/runs/{id}")]
     if (OUT / "worker.raw").exists():
         parts.append(summarize("worker", parse(OUT / "worker.raw")))
     latencies.sort()

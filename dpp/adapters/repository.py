@@ -68,12 +68,11 @@ class RunRepository:
         return (found[0], found[1]) if found is not None else (None, utcnow(self.session))
 
     def get_for_tenant(self, tenant_id: str, run_id: str) -> orm.Run | None:
-        return self.get_for_tenant_with_now(tenant_id, run_id)[0]
+        return _owned(self.get(run_id), tenant_id)
 
     def get_for_tenant_with_now(self, tenant_id: str, run_id: str) -> tuple[orm.Run | None, datetime]:
         run, now = self.get_with_now(run_id)
-        # Another tenant's run is indistinguishable from a missing one (SPEC §4: 404).
-        return (run if run is not None and run.tenant_id == tenant_id else None), now
+        return _owned(run, tenant_id), now
 
     def by_idempotency_key(self, tenant_id: str, key: str) -> orm.Run | None:
         return self.session.execute(
@@ -171,6 +170,11 @@ def record_usage(
             },
         )
     )
+
+
+def _owned(run: orm.Run | None, tenant_id: str) -> orm.Run | None:
+    # Another tenant's run is indistinguishable from a missing one (SPEC §4: 404).
+    return run if run is not None and run.tenant_id == tenant_id else None
 
 
 def utcnow(session: Session) -> datetime:
