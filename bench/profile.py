@@ -9,7 +9,7 @@ botocore, PostgreSQL, Redis) and in Python, and the heaviest functions of our ow
 code; writes the raw stacks to build/profile/ (open them in speedscope or feed them to
 flamegraph.pl) and the tables to build/profile/summary.md.
 
-    make bench-profile                  25 submissions/s then 100 GET/s, 20 s each; 150 runs for the worker
+    make bench-profile                  25 submissions/s then 100 GET/s, 10 s each; 150 runs for the worker
     PROFILE_SECONDS=10 PROFILE_RUNS=60 make bench-profile
 """
 from __future__ import annotations
@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.run import BIN, BUILD, Bench, Progress, open_loop  # noqa: E402  (sets the bench's own services)
 
 OUT = BUILD / "profile"
-SECONDS = int(os.environ.get("PROFILE_SECONDS", "20"))
+# 10 s at 25/s leaves 250 messages queued: moto's SendMessage slows as its queue
+# deepens, and at 20 s (500 queued) it nears the rate and requests start to queue.
+SECONDS = int(os.environ.get("PROFILE_SECONDS", "10"))
 RATE = float(os.environ.get("PROFILE_RATE", "25"))
 RUNS = int(os.environ.get("PROFILE_RUNS", "150"))
 
