@@ -79,6 +79,9 @@ class Settings:
     queued_timeout_sec: int = 1800
     orphan_hold_grace_sec: int = 120
     audit_interval_sec: int = 300
+    # How often the scheduling beat checks that Redis still has its data (one GET),
+    # and restores every tenant's mirror when it does not (docs/CHAOS.md bounds).
+    mirror_watch_interval_sec: float = 1.0
     reconcile_interval_sec: int = 60
     reconcile_threshold_min: float = 5  # fractions allowed (tests use seconds)
     reconcile_scan_limit: int = 100
@@ -127,6 +130,7 @@ class Settings:
             queued_timeout_sec=_int(env, "REAPER_QUEUED_TIMEOUT_SEC", cls.queued_timeout_sec),
             orphan_hold_grace_sec=_int(env, "REAPER_ORPHAN_HOLD_GRACE_SEC", cls.orphan_hold_grace_sec),
             audit_interval_sec=_int(env, "AUDIT_INTERVAL_SEC", cls.audit_interval_sec),
+            mirror_watch_interval_sec=float(env.get("MIRROR_WATCH_INTERVAL_SEC") or cls.mirror_watch_interval_sec),
             reconcile_interval_sec=_int(env, "RECONCILE_INTERVAL_SEC", cls.reconcile_interval_sec),
             reconcile_threshold_min=_float(env, "RECONCILE_THRESHOLD_MIN", cls.reconcile_threshold_min),
             reconcile_scan_limit=_int(env, "RECONCILE_SCAN_LIMIT", cls.reconcile_scan_limit),

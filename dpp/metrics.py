@@ -38,6 +38,11 @@ MONEY_CHARGED = Counter("dpp_money_charged_usd_micros_total", "Money charged at 
 MONEY_RELEASED = Counter("dpp_money_released_usd_micros_total", "Money released at settlement (USD micros)")
 
 AUDIT_REQUIRED = Counter("dpp_audit_required_total", "Runs or tenants marked AUDIT_REQUIRED / found drifting", ["reason"])
+MIRRORS_RESTORED = Counter("dpp_budget_mirrors_restored_total",
+                           "Tenants' Redis budget mirrors rebuilt from the ledger", ["cause"])
+REDIS_DATA_LOSSES = Counter("dpp_redis_data_losses_total", "Times the mirror sentinel was found missing")
+HOLDS_REPAIRED = Counter("dpp_budget_holds_repaired_total",
+                         "Redis holds given back by the orphan sweep", ["kind"])
 LEASE_EXPIRIES = Counter("dpp_lease_expiries_total", "Runs failed by the lease sweep")
 RECONCILE_ACTIONS = Counter("dpp_reconcile_actions_total", "Reconciler decisions", ["action"])
 SWEEP_RUNS = Counter("dpp_sweep_runs_total", "Runs ended by a sweep", ["sweep"])

@@ -125,9 +125,13 @@ def tenant(clean):
 
 
 def assert_invariants(deps, tenant_ids=None, check_redis=True):
-    """SPEC §2 invariants 1-3; every integration test ends with this."""
+    """SPEC §2 invariants 1-3; every integration test ends with this.
+
+    Quiescent: every Redis hold must belong to a run the ledger holds; an orphan
+    hold, a hold of a settled run or a mirror still being restored is a failure.
+    """
     from dpp.services.audit import audit
 
-    report = audit(deps, tenant_ids, check_redis=check_redis)
+    report = audit(deps, tenant_ids, check_redis=check_redis, quiescent=True)
     assert report.ok, "money invariants violated:\n" + "\n".join(report.violations)
     return report

@@ -6,10 +6,13 @@ least every `beat_max_loop_interval`. The tick time is a metric and the beat's
 """
 from __future__ import annotations
 
+import logging
+
 from redbeat import RedBeatScheduler
 
 from dpp import metrics
 
+log = logging.getLogger(__name__)
 LIVENESS = metrics.Liveness(stale_sec=60)
 
 
@@ -18,7 +21,25 @@ class Scheduler(RedBeatScheduler):
         interval = super().tick(*args, **kwargs)
         LIVENESS.beat()
         metrics.BEAT_TICK.set(LIVENESS.last)
-        return interval
+        return min(interval, watch_mirror())
+
+
+def watch_mirror() -> float:
+    """Restore every tenant's Redis mirror right after Redis lost its data.
+
+    Run by the scheduling beat on every tick, not sent as a task: it must not
+    wait behind a backlog of runs, and there is exactly one active beat. One GET
+    when nothing happened. Returns the seconds until the next check.
+    """
+    from dpp.bootstrap import deps
+    from dpp.services.sweeps import restore_mirrors
+
+    d = deps()
+    try:
+        restore_mirrors(d)
+    except Exception:  # Redis or PostgreSQL blinking: the next tick tries again
+        log.warning("mirror watch failed; retrying on the next tick", exc_info=True)
+    return d.settings.mirror_watch_interval_sec
 
 
 def health() -> tuple[bool, dict]:

@@ -15,6 +15,9 @@ import redis
 from dpp.domain.errors import DependencyUnavailable
 
 RECEIPT_TTL_SEC = 30 * 24 * 3600
+# Absent after any loss of Redis's data; see RedisBudget.mark_mirror. No hash tag:
+# it is only ever read or set alone.
+MIRROR_SENTINEL_KEY = "budget:mirror_generation"
 
 
 def balance_key(tenant_id: str) -> str:
@@ -56,6 +59,18 @@ class Receipt:
     reservation_missing: bool = False
 
 
+@dataclass(frozen=True)
+class MirrorView:
+    """One tenant's mirror at one instant (RedisBudget.audit_read).
+
+    detail: run_id -> (hold amount, hold reserved_at ms, receipt release); None where absent.
+    """
+
+    balance_micros: int | None
+    members: list
+    detail: dict
+
+
 class BudgetMissing(Exception):
     """Redis has no balance for the tenant (new, or wiped): rebuild from the ledger."""
 
@@ -74,6 +89,7 @@ class RedisBudget:
         self._release = client.register_script(_load("release"))
         self._credit = client.register_script(_load("credit"))
         self._restore = client.register_script(_load("restore"))
+        self._audit_read = client.register_script(_load("audit_read"))
 
     @classmethod
     def from_url(cls, url: str, cluster: bool = False) -> "RedisBudget":
@@ -108,12 +124,14 @@ class RedisBudget:
             raise AlreadySettled(run_id)
         return ReserveOutcome(ok=code == 1, balance_micros=int(balance), amount_micros=int(amount), code=code)
 
-    def settle(self, tenant_id: str, run_id: str, charge_micros: int) -> Receipt:
+    def settle(self, tenant_id: str, run_id: str, charge_micros: int, reserved_micros: int = 0) -> Receipt:
+        """`reserved_micros`: the ledger's reservation, what the receipt records when
+        Redis lost the hold (0: the receipt moves nothing)."""
         code, charge, release, settled_at = self._call(
             self._settle,
             [balance_key(tenant_id), reserve_key(tenant_id, run_id), receipt_key(tenant_id, run_id),
              holds_key(tenant_id)],
-            [charge_micros, _now_ms(), RECEIPT_TTL_SEC, run_id],
+            [charge_micros, _now_ms(), RECEIPT_TTL_SEC, run_id, reserved_micros],
         )
         return Receipt(
             charge_micros=int(charge),
@@ -169,13 +187,74 @@ class RedisBudget:
 
         One script on keys of one hash tag (a cluster accepts it). Reservations the
         ledger holds are put back so that their later settle finds them, unless
-        Redis already settled them (restore.lua). Returns the balance set.
+        Redis already settled them; holds the ledger does not know are dropped
+        (restore.lua: the caller holds the tenant's fence, so they are orphans).
+        Returns the balance set.
         """
-        keys, args = [balance_key(tenant_id), holds_key(tenant_id)], [available_micros, _now_ms()]
+        try:
+            members = {m.decode() for m in self.client.smembers(holds_key(tenant_id))}
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise DependencyUnavailable("redis", str(exc)) from exc
+        orphans = sorted(members - set(reservations))
+        keys = [balance_key(tenant_id), holds_key(tenant_id)]
+        args = [available_micros, _now_ms(), len(reservations)]
         for run_id, amount in sorted(reservations.items()):
             keys += [reserve_key(tenant_id, run_id), receipt_key(tenant_id, run_id)]
             args += [run_id, amount]
+        keys += [reserve_key(tenant_id, run_id) for run_id in orphans]
+        args += orphans
         return int(self._call(self._restore, keys, args))
+
+    def mark_mirror(self, generation: str) -> bool:
+        """Set the mirror sentinel if it is absent; True when it was absent (Redis lost data).
+
+        A wipe (FLUSHALL, a restart without data, a failover to an empty replica)
+        takes the sentinel with it, so one GET tells the watcher whether every
+        tenant's mirror must be checked. Set *before* the restores it triggers: a
+        wipe during them removes it again and the next watch starts over.
+        """
+        try:
+            return bool(self.client.set(MIRROR_SENTINEL_KEY, generation, nx=True))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise DependencyUnavailable("redis", str(exc)) from exc
+
+    def missing_mirrors(self, tenant_ids: "list[str]") -> "list[str]":
+        """The tenants whose balance key is absent (pipelined EXISTS, routed per key on a cluster)."""
+        if not tenant_ids:
+            return []
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for tenant_id in tenant_ids:
+                pipe.exists(balance_key(tenant_id))
+            found = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise DependencyUnavailable("redis", str(exc)) from exc
+        return [t for t, present in zip(tenant_ids, found) if not present]
+
+    def hold_ids(self, tenant_id: str) -> "list[str]":
+        try:
+            return sorted(m.decode() for m in self.client.smembers(holds_key(tenant_id)))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise DependencyUnavailable("redis", str(exc)) from exc
+
+    def audit_read(self, tenant_id: str, candidates: "list[str]") -> "MirrorView":
+        """The balance, the holds and each candidate run's hold and receipt, at one instant.
+
+        One script over keys of one hash tag. A member of the holds set that is
+        not among `candidates` shows in `members` without detail: read again.
+        """
+        keys = [balance_key(tenant_id), holds_key(tenant_id)]
+        for run_id in candidates:
+            keys += [reserve_key(tenant_id, run_id), receipt_key(tenant_id, run_id)]
+        raw = self._call(self._audit_read, keys, [])
+        count = int(raw[1])
+        members = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw[2:2 + count])
+        detail, rest = {}, raw[2 + count:]
+        for i, run_id in enumerate(candidates):
+            amount, at, release = (int(v) for v in rest[3 * i:3 * i + 3])
+            detail[run_id] = (None if amount < 0 else amount, None if at < 0 else at, None if release < 0 else release)
+        balance = int(raw[0])
+        return MirrorView(None if balance < 0 else balance, members, detail)
 
     def ping(self) -> bool:
         return bool(self.client.ping())

@@ -9,7 +9,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -64,6 +64,22 @@ class Database:
         session = _sessions_for(self.engine)()
         try:
             with session.begin():
+                yield session
+        finally:
+            session.close()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A read-only REPEATABLE READ transaction: every statement sees one instant.
+
+        The audit reads the balance row, the transfers and the runs in one of
+        these, so it never pairs figures from two moments (false alarms under load).
+        """
+        session = _sessions_for(self.engine)()
+        try:
+            with session.begin():
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+                session.execute(text("SET TRANSACTION READ ONLY"))
                 yield session
         finally:
             session.close()

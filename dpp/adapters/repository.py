@@ -9,7 +9,7 @@ import uuid
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -170,6 +170,19 @@ def record_usage(
             },
         )
     )
+
+
+def fence_tenant(session: Session, tenant_id: str) -> None:
+    """Take the tenant's money fence until the transaction ends.
+
+    A submission holds it from before its Redis hold until its run row and
+    RESERVE commit; a mirror rebuild and the orphan-hold sweep hold it while they
+    read the ledger and write Redis. So a rebuild never reads a ledger that
+    cannot yet see a hold Redis already made (R1), and the orphan sweep never
+    mistakes a hold whose run is about to commit for an orphan. Re-entrant
+    within one transaction.
+    """
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:t, 0))"), {"t": tenant_id})
 
 
 def _owned(run: orm.Run | None, tenant_id: str) -> orm.Run | None:

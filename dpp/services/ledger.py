@@ -21,13 +21,15 @@ from __future__ import annotations
 import logging
 import uuid
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from dpp.adapters import orm
 from dpp.adapters.budget import BudgetMissing
+from dpp.adapters.repository import fence_tenant
 from dpp.domain.errors import InsufficientBudget
 from dpp.domain.ledger import Account, Balances, Settlement, Transfer, TransferKind, settle, transfer
+from dpp.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,18 @@ def balances(session: Session, tenant_id: str, *, for_update: bool = False) -> B
     )
 
 
+def version(session: Session, tenant_id: str) -> str:
+    """The balance row's row version (xmin): it changes with every transfer posted."""
+    return session.execute(
+        select(text("xmin::text")).select_from(orm.TenantBalance).where(orm.TenantBalance.tenant_id == tenant_id)
+    ).scalar_one()
+
+
+def version_now(deps, tenant_id: str) -> str:
+    with deps.db.transaction() as session:
+        return version(session, tenant_id)
+
+
 def available(deps, tenant_id: str) -> int:
     """The ledger's available balance, in a transaction of its own."""
     with deps.db.transaction() as session:
@@ -131,13 +145,17 @@ def topup(deps, tenant_id: str, amount_micros: int, memo: str | None = None) -> 
 # --- reserve --------------------------------------------------------------
 
 
-def hold(deps, tenant_id: str, run_id: str, amount_micros: int) -> None:
-    """Reserve in Redis (the gate). Raises InsufficientBudget or DependencyUnavailable."""
+def hold(deps, session: Session, tenant_id: str, run_id: str, amount_micros: int) -> None:
+    """Reserve in Redis (the gate). Raises InsufficientBudget or DependencyUnavailable.
+
+    Call with the tenant's fence held in `session` (the submission's transaction):
+    a mirror that must be rebuilt first is rebuilt in that same transaction.
+    """
     try:
         outcome = deps.budget.reserve(tenant_id, run_id, amount_micros)
     except BudgetMissing:
         # Redis lost this tenant (restart without data, new node): the ledger knows.
-        rebuild(deps, tenant_id)
+        rebuild(deps, tenant_id, session=session)
         outcome = deps.budget.reserve(tenant_id, run_id, amount_micros)
     if not outcome.ok:
         raise InsufficientBudget(outcome.balance_micros, amount_micros)
@@ -153,21 +171,36 @@ def unhold(deps, tenant_id: str, run_id: str) -> int:
     return deps.budget.release(tenant_id, run_id)
 
 
+def resettle_stale_hold(deps, tenant_id: str, run_id: str, charged_micros: int) -> int:
+    """Give back a Redis hold of a run the ledger has already settled; the release given.
+
+    Such a hold was put back by a rebuild that read the ledger before the run's
+    COMMIT (Redis had been wiped after the run's Redis settle). The Redis balance
+    set by that rebuild left the whole hold out, so settling it again at the
+    ledger's charge gives back exactly the ledger's release. Call under the
+    tenant's fence (the orphan sweep does).
+    """
+    amount = deps.budget.reservation(tenant_id, run_id)
+    if amount is None:
+        return 0
+    return deps.budget.settle(tenant_id, run_id, charged_micros, amount).release_micros
+
+
 # --- settle ---------------------------------------------------------------
 
 
 def settle_in_redis(deps, tenant_id: str, run_id: str, reserved_micros: int, charge_wanted_micros: int) -> Settlement:
     """Step 1 of a settlement. Idempotent: a repeat returns the first receipt."""
-    receipt = deps.budget.settle(tenant_id, run_id, settle(reserved_micros, charge_wanted_micros).charge_micros)
+    wanted = settle(reserved_micros, charge_wanted_micros)
+    receipt = deps.budget.settle(tenant_id, run_id, wanted.charge_micros, reserved_micros)
     if receipt.reservation_missing:
-        # Redis no longer has the hold (wiped, or rebuilt before this run was
-        # held). The ledger is the truth; the audit will show and rebuild will
-        # close any drift this leaves in the mirror.
+        # Redis had lost the hold (wiped). settle.lua still wrote a receipt, so a
+        # rebuild before our ledger COMMIT counts this release as available
+        # instead of resurrecting a hold that nobody would ever settle (R2).
         log.warning(
-            "settle found no reservation in redis",
+            "settle found no reservation in redis; receipt written from the ledger's reservation",
             extra={"tenant_id": tenant_id, "run_id": run_id},
         )
-        return settle(reserved_micros, charge_wanted_micros)
     return Settlement(reserved_micros, receipt.charge_micros)
 
 
@@ -181,23 +214,32 @@ def record_settlement(session: Session, tenant_id: str, run_id: str, settlement:
 # --- rebuild --------------------------------------------------------------
 
 
-def rebuild(deps, tenant_id: str) -> Balances:
+def rebuild(deps, tenant_id: str, *, session: Session | None = None) -> Balances:
     """Set the tenant's Redis mirror from the ledger: available, and the live holds.
 
-    A run Redis already settled while its ledger COMMIT is pending keeps no hold
-    and its release counts as available (restore.lua), so a rebuild in that
-    window does not lose the release. Run it when no submission for the tenant is
-    between its Redis hold and its ledger record (a hold made in that instant
-    would be forgotten).
+    Fenced: it holds the tenant's fence (`fence_tenant`) from its ledger read to
+    its Redis write, and a submission holds the same fence from its Redis hold to
+    its ledger commit. So every hold Redis has that the ledger does not show is an
+    orphan of a submission that died, and restore.lua drops it; and no hold can
+    be made in between the read and the write. Settles are not fenced: a run
+    Redis settled while its ledger COMMIT is pending has a receipt, keeps no hold,
+    and its release counts as available (restore.lua).
+
+    `session`: the caller's transaction, when it already holds the fence.
     """
-    with deps.db.transaction() as session:
-        books = balances(session, tenant_id)
-        holds = dict(
-            session.execute(
-                select(orm.Run.id, orm.Run.reserved_micros).where(
-                    orm.Run.tenant_id == tenant_id, orm.Run.money_state == "RESERVED"
-                )
-            ).all()
-        )
+    if session is None:
+        with deps.db.transaction() as own:
+            return rebuild(deps, tenant_id, session=own)
+    fence_tenant(session, tenant_id)
+    books = balances(session, tenant_id)
+    holds = dict(
+        session.execute(
+            select(orm.Run.id, orm.Run.reserved_micros).where(
+                # RESERVED and AUDIT_REQUIRED alike: the ledger still holds their money.
+                orm.Run.tenant_id == tenant_id, orm.Run.money_state != "SETTLED"
+            )
+        ).all()
+    )
+    fault_point("rebuild_between_read_and_write")
     deps.budget.restore(tenant_id, books.available, {str(k): int(v) for k, v in holds.items()})
     return books

@@ -1,10 +1,11 @@
 """Plan limits that are not money: submission rate and runs in flight (SPEC §4)."""
 from __future__ import annotations
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dpp.adapters import orm
+from dpp.adapters.repository import fence_tenant
 from dpp.domain.errors import RateLimited
 from dpp.services.tenants import Principal
 
@@ -37,10 +38,11 @@ def check_submit_rate(deps, who: Principal) -> dict[str, str]:
 def check_concurrency(session: Session, who: Principal) -> None:
     """Refuse a run past the plan's runs in flight. Call inside the insert's transaction.
 
-    The advisory lock serialises one tenant's inserts for the length of that
-    short transaction, so two submissions cannot both see room for one more.
+    The tenant's fence (taken here if the caller has not) serialises one
+    tenant's inserts for the length of that short transaction, so two
+    submissions cannot both see room for one more.
     """
-    session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:t, 0))"), {"t": who.tenant_id})
+    fence_tenant(session, who.tenant_id)
     active = session.execute(
         select(func.count())
         .select_from(orm.Run)

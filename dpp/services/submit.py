@@ -1,8 +1,9 @@
 """Submit a run: validate, reserve, record, enqueue (SPEC §3 "Submission").
 
 Safe against a crash between any two steps:
-  idempotency lookup, hold (Redis), run row + RESERVE (one PostgreSQL
-  transaction, committed after the hold) -> enqueue.
+  idempotency lookup, the tenant's fence and runs-in-flight check, hold
+  (Redis), run row + RESERVE (one PostgreSQL transaction, committed after the
+  hold; the fence is held until that commit) -> enqueue.
 - The row insert fails: the hold is released here, nothing was recorded.
 - The enqueue fails: the run is settled at 0 (never started) before we answer
   503, and its idempotency key is given back so the agent's retry can succeed.
@@ -64,10 +65,13 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             if earlier is not None:
                 return Submitted(earlier, replayed=True)
             pack, inputs = _admit(deps, principal, sub)
-            ledger.hold(deps, principal.tenant_id, run_id, sub.max_cost_micros)
+            # The tenant's fence first (check_concurrency takes it): from here to
+            # the commit no rebuild of the tenant's Redis mirror can run, so none
+            # can read a ledger that misses the hold made below.
+            limits.check_concurrency(session, principal)
+            ledger.hold(deps, session, principal.tenant_id, run_id, sub.max_cost_micros)
             held = True
             fault_point("after_reserve")
-            limits.check_concurrency(session, principal)
             run = orm.Run(
                 id=uuid.UUID(run_id),
                 tenant_id=principal.tenant_id,

@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 
 from dpp import metrics, telemetry
 from dpp.adapters import orm
-from dpp.adapters.repository import RunRepository, snapshot, utcnow
+from dpp.adapters.repository import RunRepository, fence_tenant, snapshot, utcnow
 from dpp.adapters.results import result_key
 from dpp.domain import runs as machine
 from dpp.domain.errors import InvalidTransition
@@ -216,37 +216,84 @@ def reconcile_one(deps, run_id: str) -> str:
 
 
 def release_orphan_holds(deps) -> SweepReport:
-    """Redis holds older than the grace period whose run was never recorded.
+    """Redis holds, older than the grace period, that no live run explains.
 
-    Submission holds in Redis, then records the run and its RESERVE in one
-    transaction; a process killed in between leaves a hold no ledger row
-    explains. Nothing else would ever give it back (invariant 3).
+    - An orphan: submission holds in Redis, then records the run and its RESERVE
+      in one transaction; a process killed in between leaves a hold no ledger row
+      explains. Released whole.
+    - A hold of a run the ledger has already settled: Redis was wiped after the
+      run's Redis settle and restored (hold and all, from a ledger whose COMMIT was
+      still pending) before that COMMIT landed. Settled again in Redis at the
+      ledger's charge, so exactly the ledger's release comes back.
+    Each tenant is handled under its fence, as a submission holds it from its hold
+    to its commit: a hold whose run is about to commit is never taken for an orphan.
+    Nothing else would ever give these back (invariant 3).
     """
     report = SweepReport("release_orphan_holds")
     grace_ms = deps.settings.orphan_hold_grace_sec * 1000
     now_ms = int(time.time() * 1000)
     with deps.db.transaction() as session:
         tenant_ids = list(session.execute(select(orm.Tenant.id)).scalars())
-    candidates = [
-        (tenant_id, run_id, amount, at)
-        for tenant_id in tenant_ids
-        for run_id, amount, at in deps.budget.holds(tenant_id)
-        if now_ms - at >= grace_ms
-    ]
-    if not candidates:
-        return report
-    with deps.db.transaction() as session:
-        ids = [uuid.UUID(run_id) for _, run_id, _, _ in candidates if _is_uuid(run_id)]
-        recorded = {str(i) for i in session.execute(select(orm.Run.id).where(orm.Run.id.in_(ids))).scalars()}
-    fault_point("orphan_sweep_between_read_and_write")
-    for tenant_id, run_id, amount, _ in candidates:
-        if run_id in recorded:
-            continue
-        released = deps.budget.release(tenant_id, run_id)
-        report.claimed += 1
-        report.actions[run_id] = f"released:{released}"
-        log.warning("orphan hold released", extra={"tenant_id": tenant_id, "run_id": run_id, "amount": amount})
+    candidates: dict[str, list[str]] = {}
+    for tenant_id in tenant_ids:
+        old = [run_id for run_id, _, at in deps.budget.holds(tenant_id) if now_ms - at >= grace_ms]
+        if old:
+            candidates[tenant_id] = old
+    for tenant_id, run_ids in candidates.items():
+        with deps.db.transaction() as session:
+            fence_tenant(session, tenant_id)
+            ids = [uuid.UUID(r) for r in run_ids if _is_uuid(r)]
+            rows = {
+                str(run_id): (money_state, charged)
+                for run_id, money_state, charged in session.execute(
+                    select(orm.Run.id, orm.Run.money_state, orm.Run.actual_cost_micros).where(orm.Run.id.in_(ids))
+                )
+            }
+            fault_point("orphan_sweep_between_read_and_write")
+            for run_id in run_ids:
+                state = rows.get(run_id)
+                if state is None:
+                    released = ledger.unhold(deps, tenant_id, run_id)
+                    kind = "orphan"
+                elif state[0] == MoneyState.SETTLED.value:
+                    released = ledger.resettle_stale_hold(deps, tenant_id, run_id, state[1] or 0)
+                    kind = "settled_run"
+                else:
+                    continue  # in flight (RESERVED) or for a human (AUDIT_REQUIRED)
+                report.claimed += 1
+                report.actions[run_id] = f"released:{released}" if kind == "orphan" else f"resettled:{released}"
+                metrics.HOLDS_REPAIRED.labels(kind).inc()
+                log.warning("stale hold given back", extra={"tenant_id": tenant_id, "run_id": run_id,
+                                                            "kind": kind, "released": released})
     return report
+
+
+def restore_mirrors(deps, *, force: bool = False) -> dict:
+    """Notice that Redis lost its data and rebuild every tenant's mirror, fenced.
+
+    One GET when nothing happened (the sentinel is there). When it is absent
+    (a wipe, a restart without data, a failover to an empty replica) every
+    tenant whose balance key is gone is rebuilt from the ledger, idle tenants
+    included, within one watch interval plus the rebuilds' time (docs/CHAOS.md).
+    `force` checks every tenant's key even when the sentinel is present (a
+    cluster node that lost its slots keeps the sentinel of another node).
+    """
+    lost = deps.budget.mark_mirror(uuid.uuid4().hex)
+    if not lost and not force:
+        return {"redis_data_lost": False, "restored": []}
+    if lost:
+        metrics.REDIS_DATA_LOSSES.inc()
+    with deps.db.transaction() as session:
+        tenant_ids = list(session.execute(select(orm.Tenant.id).order_by(orm.Tenant.id)).scalars())
+    restored = []
+    for tenant_id in deps.budget.missing_mirrors(tenant_ids):
+        ledger.rebuild(deps, tenant_id)
+        restored.append(tenant_id)
+        metrics.MIRRORS_RESTORED.labels("redis_data_lost" if lost else "missing").inc()
+    if lost:
+        log.warning("redis lost its data: %d tenant budget mirrors rebuilt from the ledger", len(restored),
+                    extra={"restored": len(restored), "tenants": len(tenant_ids)})
+    return {"redis_data_lost": lost, "restored": restored}
 
 
 def _is_uuid(value: str) -> bool:
@@ -279,14 +326,7 @@ def audit_budgets(deps) -> dict:
     answer, not a contradiction. A mirror that is present and wrong is only
     reported — somebody must find out why before anything rewrites it.
     """
-    restored = []
-    with deps.db.transaction() as session:
-        tenant_ids = list(session.execute(select(orm.Tenant.id)).scalars())
-    for tenant_id in tenant_ids:
-        if deps.budget.available(tenant_id) is None:
-            ledger.rebuild(deps, tenant_id)
-            restored.append(tenant_id)
-            log.warning("redis budget mirror was missing; rebuilt from the ledger", extra={"tenant_id": tenant_id})
+    restored = restore_mirrors(deps, force=True)["restored"]
     result = audit(deps)
     for violation in result.violations:
         log.critical("budget audit violation: %s", violation,
@@ -298,6 +338,7 @@ def audit_budgets(deps) -> dict:
         "mirrors_restored": restored,
         "ok": result.ok,
         "violations": result.violations,
+        "pending": result.pending,
     }
 
 

@@ -167,18 +167,18 @@ def test_a_database_failure_after_the_hold_answers_503_and_holds_nothing(clean, 
     (a real statement timeout): the hold is given back and nothing is recorded."""
     from sqlalchemy import text
 
-    from dpp.services import limits
+    from dpp.services import ledger
 
     tenant_id, key = tenant
-    real_check = limits.check_concurrency
+    real_record = ledger.record_reservation
 
-    def check_then_time_out(session, who):
-        real_check(session, who)
+    def record_then_time_out(session, *args):
+        real_record(session, *args)
         assert clean.budget.available(tenant_id) == 10_000_000 - 500_000  # held by now
         session.execute(text("SET LOCAL statement_timeout = '10ms'"))
         session.execute(text("SELECT pg_sleep(1)"))
 
-    monkeypatch.setattr(limits, "check_concurrency", check_then_time_out)
+    monkeypatch.setattr(ledger, "record_reservation", record_then_time_out)
     with pytest.raises(DependencyUnavailable):
         submit_run(clean, principal(clean, key), "db-fails", sub(), "t")
 
