@@ -77,6 +77,9 @@ class Settings:
     reaper_interval_sec: int = 30
     reaper_scan_limit: int = 100
     queued_timeout_sec: int = 1800
+    # A QUEUED run's message is published again every queued_timeout_sec / attempts
+    # (it may be lost); after the last attempt's share it ends FAILED QUEUE_TIMEOUT at 0.
+    redrive_attempts: int = 3
     orphan_hold_grace_sec: int = 120
     audit_interval_sec: int = 300
     # How often the scheduling beat checks that Redis still has its data (one GET),
@@ -128,6 +131,7 @@ class Settings:
             reaper_interval_sec=_int(env, "REAPER_INTERVAL_SEC", cls.reaper_interval_sec),
             reaper_scan_limit=_int(env, "REAPER_SCAN_LIMIT", cls.reaper_scan_limit),
             queued_timeout_sec=_int(env, "REAPER_QUEUED_TIMEOUT_SEC", cls.queued_timeout_sec),
+            redrive_attempts=max(1, _int(env, "REAPER_REDRIVE_ATTEMPTS", cls.redrive_attempts)),
             orphan_hold_grace_sec=_int(env, "REAPER_ORPHAN_HOLD_GRACE_SEC", cls.orphan_hold_grace_sec),
             audit_interval_sec=_int(env, "AUDIT_INTERVAL_SEC", cls.audit_interval_sec),
             mirror_watch_interval_sec=float(env.get("MIRROR_WATCH_INTERVAL_SEC") or cls.mirror_watch_interval_sec),

@@ -43,6 +43,7 @@ MIRRORS_RESTORED = Counter("dpp_budget_mirrors_restored_total",
 REDIS_DATA_LOSSES = Counter("dpp_redis_data_losses_total", "Times the mirror sentinel was found missing")
 HOLDS_REPAIRED = Counter("dpp_budget_holds_repaired_total",
                          "Redis holds given back by the orphan sweep", ["kind"])
+REDRIVES = Counter("dpp_runs_redriven_total", "QUEUED runs whose message was published again")
 LEASE_EXPIRIES = Counter("dpp_lease_expiries_total", "Runs failed by the lease sweep")
 RECONCILE_ACTIONS = Counter("dpp_reconcile_actions_total", "Reconciler decisions", ["action"])
 SWEEP_RUNS = Counter("dpp_sweep_runs_total", "Runs ended by a sweep", ["sweep"])

@@ -39,16 +39,64 @@ BIN = devstack.VENV_BIN
 STATE = devstack.LOCAL / "chaos"
 
 LEASE_SEC, HEARTBEAT_SEC, VISIBILITY_SEC = 3, 1, 5
-THRESHOLD_SEC, QUEUED_TIMEOUT_SEC, ORPHAN_GRACE_SEC = 3, 8, 3
-TRIAL_DEADLINE_SEC = 60
+THRESHOLD_SEC, QUEUED_TIMEOUT_SEC, ORPHAN_GRACE_SEC = 3, 12, 3
+SWEEP_SEC, WATCH_SEC, REDRIVE_ATTEMPTS = 1, 1, 3
+# A SIGKILLed process is restarted by the supervisor and serving again within this
+# (celery's boot on two busy cores; measured 3-6 s, with head-room).
+RESTART_SEC = 10
 
 WORKER_POINTS = ["after_lease_claim", "mid_pack", "after_finalize_claim", "after_s3_upload",
                  "after_redis_settle", "after_ledger_commit"]
 API_POINTS = ["after_reserve", "after_run_row", "after_enqueue"]
 SWEEP_POINTS = ["sweep_between_read_and_write", "orphan_sweep_between_read_and_write"]
 DISRUPTIONS = ["worker_sigkill", "api_sigkill", "redis_restart_with_data", "redis_restart_without_data",
-               "pg_terminate_backends", "moto_restart", "message_redelivery"]
+               "redis_flushall", "pg_terminate_backends", "pg_restart", "moto_restart", "message_redelivery",
+               "worker_sigstop"]
 ALL = WORKER_POINTS + API_POINTS + SWEEP_POINTS + DISRUPTIONS
+# Two faults in one trial, started together on the same tenant's runs.
+PAIRS = ["redis_restart_without_data+worker_sigkill", "moto_restart+pg_terminate_backends",
+         "redis_flushall+after_redis_settle", "pg_restart+api_sigkill", "worker_sigstop+redis_restart_with_data"]
+
+
+def bound(point: str) -> float:
+    """Seconds from a trial's fault to every run of its tenant settled (docs/CHAOS.md).
+
+    Each term is a mechanism of SPEC §2 invariant 4 and §3, at the runner's timers:
+    - a run whose worker died: lease TTL + one lease sweep, after the worker is back;
+    - a stuck finalize claim: reconcile threshold + one reconcile sweep;
+    - a lost message: re-driven every timeout / attempts, failed at 0 after the
+      whole stale-queued timeout + one sweep;
+    - an orphan hold: its grace + one orphan sweep;
+    - a Redis that lost its data: one mirror watch (then the above);
+    - a redelivered message: the SQS visibility timeout.
+    A trial with two faults gets the larger bound plus one process restart.
+    """
+    parts = point.split("+")
+    if len(parts) > 1:
+        return max(bound(p) for p in parts) + RESTART_SEC
+    lease = LEASE_SEC + SWEEP_SEC
+    claim = THRESHOLD_SEC + SWEEP_SEC
+    lost_message = QUEUED_TIMEOUT_SEC + SWEEP_SEC
+    orphan = ORPHAN_GRACE_SEC + SWEEP_SEC
+    base = {
+        "after_reserve": RESTART_SEC + orphan + lost_message,
+        "after_run_row": RESTART_SEC + lost_message,
+        "after_enqueue": RESTART_SEC + VISIBILITY_SEC + lease,
+        "sweep_between_read_and_write": RESTART_SEC + VISIBILITY_SEC + lease + claim,
+        "orphan_sweep_between_read_and_write": RESTART_SEC + orphan * 2 + lost_message,
+        "worker_sigkill": RESTART_SEC + VISIBILITY_SEC + lease + claim,
+        "worker_sigstop": LEASE_SEC + 2 + VISIBILITY_SEC + lease + claim,
+        "api_sigkill": RESTART_SEC + orphan + lost_message,
+        "redis_restart_with_data": RESTART_SEC + VISIBILITY_SEC + lease + claim,
+        "redis_restart_without_data": RESTART_SEC + WATCH_SEC + VISIBILITY_SEC + lease + claim,
+        "redis_flushall": WATCH_SEC + VISIBILITY_SEC + lease + claim,
+        "pg_terminate_backends": VISIBILITY_SEC + lease + claim,
+        "pg_restart": RESTART_SEC + VISIBILITY_SEC + lease + claim,
+        "moto_restart": RESTART_SEC + lost_message + claim,
+        "message_redelivery": VISIBILITY_SEC + SWEEP_SEC,
+    }
+    return float(base.get(point, RESTART_SEC + VISIBILITY_SEC + lease + claim))
+
 
 DECISION = {
     "question": "Which database?",
@@ -94,9 +142,27 @@ class OwnRedis:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         self.start()
 
+    def flushall(self) -> None:
+        """Every key gone while Redis keeps running (an operator's FLUSHALL, a bad failover)."""
+        devstack.redis_command(self.url, "FLUSHALL")
+
     def stop(self) -> None:
         if self.proc is not None:
             devstack.stop_process(self.proc)
+
+
+def restart_postgres() -> None:
+    """Restart the runner's private PostgreSQL in immediate mode (a crash: no checkpoint)."""
+    as_pg = devstack._pg_user_kwargs()
+    home = devstack._pg_running_home(as_pg)
+    if home is None:
+        raise RuntimeError("no private PostgreSQL to restart")
+    result = subprocess.run(
+        [str(devstack._pg_bindir() / "pg_ctl"), "-D", str(home / "data"), "-l", str(home / "postgres.log"),
+         "-w", "-t", "60", "-m", "immediate", "restart"],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=home, start_new_session=True, **as_pg)
+    if result.returncode != 0:
+        raise RuntimeError(f"pg_ctl restart failed: {result.stderr.strip()}")
 
 
 class OwnMoto:
@@ -159,10 +225,13 @@ class Platform:
         threading.Thread(target=self._supervise, daemon=True).start()
 
     def kill(self, role: str) -> None:
+        self.signal(role, signal.SIGKILL)
+
+    def signal(self, role: str, sig: int) -> None:
         with self._lock:
             proc = self.procs[role]
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
 
@@ -189,18 +258,80 @@ class Platform:
 @dataclass
 class Outcome:
     point: str
+    under_load: bool = False
     leaks: int = 0
     double_charges: int = 0
     stuck: int = 0
     seconds: float = 0.0
+    bound_sec: float = 0.0
+    runs: int = 0
     fired: bool = True  # False when an armed fault point was never reached
     notes: list = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.leaks or self.double_charges or self.stuck or not self.fired or not self.runs)
+
+
+class Load:
+    """K tenants × M agents submitting continuously (decision, slow and url runs).
+
+    Each agent is a `dpp.client` that retries with the same Idempotency-Key, and
+    waits for its run before the next one, as a well-behaved agent does. Faults of
+    the trials land between these runs; the judge checks these tenants too.
+    """
+
+    def __init__(self, chaos: "Chaos", tenants: int, agents: int, url: str):
+        self.chaos, self.url = chaos, url
+        self.tenants = [chaos.tenant(topup_micros=100_000_000) for _ in range(tenants)]
+        self.agents = agents
+        self.submitted = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._threads) and not self._stop.is_set()
+
+    def start(self) -> None:
+        self._stop.clear()
+        for tenant_id, key in self.tenants:
+            for n in range(self.agents):
+                t = threading.Thread(target=self._agent, args=(key, n), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+        self._threads = []
+
+    def _agent(self, key: str, n: int) -> None:
+        rng = random.Random(f"{key}-{n}")
+        client = self.chaos.client(key)
+        while not self._stop.is_set():
+            pack, inputs = rng.choice([
+                ("decision", DECISION), ("decision", {**DECISION, "method": "topsis"}),
+                ("slow", {"seconds": 0.3}), ("url", {"url": self.url}),
+            ])
+            try:
+                run = client.submit(pack, inputs, max_cost_usd="0.50")
+                self.submitted += 1
+                client.wait(run.run_id, timeout=90)
+            except Exception as exc:  # the agent gives up on this run; the books must still balance
+                if len(self.errors) < 50:
+                    self.errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                self._stop.wait(0.5)
 
 
 class Chaos:
     def __init__(self, deps, platform: Platform, redis: OwnRedis, moto: OwnMoto, tokens: Path, settings):
         self.deps, self.platform, self.redis, self.moto, self.tokens = deps, platform, redis, moto, tokens
         self.settings = settings
+        self.load: Load | None = None
+        self._prices: dict[str, int] = {}
 
     # -- the agent ---------------------------------------------------------------------
 
@@ -209,13 +340,13 @@ class Chaos:
 
         return DppClient(self.platform.url, key, timeout=10, max_retries=12, backoff_base=0.3, backoff_max=3)
 
-    def tenant(self) -> tuple[str, str]:
+    def tenant(self, topup_micros: int = 10_000_000) -> tuple[str, str]:
         from dpp.services import ledger, tenants
 
         tenant_id = f"chaos-{uuid.uuid4().hex[:10]}"
         tenants.create_tenant(self.deps, tenant_id, "pro")
         key = tenants.issue_key(self.deps, tenant_id)
-        ledger.topup(self.deps, tenant_id, 10_000_000)
+        ledger.topup(self.deps, tenant_id, topup_micros)
         return tenant_id, key
 
     def submit(self, key: str, pack: str = "decision", inputs: dict | None = None):
@@ -225,12 +356,40 @@ class Chaos:
     # -- one trial ---------------------------------------------------------------------
 
     def trial(self, point: str) -> Outcome:
-        from dpp import faults
-
         tenant_id, key = self.tenant()
         started = time.monotonic()
-        out = Outcome(point)
+        out = Outcome(point, under_load=self.load is not None and self.load.active, bound_sec=bound(point))
         armed: list[str] = []
+        parts = point.split("+")
+        actors = [threading.Thread(target=self._act, args=(part, tenant_id, key, armed, out)) for part in parts]
+        for a in actors:
+            a.start()
+        for a in actors:
+            a.join(bound(point) + 60)
+        deadline = started + out.bound_sec
+        done = self._wait_settled(tenant_id, deadline)
+        # A token the trial's own run did not reach (another trial's process took
+        # it, or the run ended first): play the agent again until it fires.
+        for _ in range(3):
+            if not any(os.path.exists(t) for t in armed):
+                break
+            try:
+                self.submit(key, "slow", {"seconds": 0.5})
+            except Exception as exc:
+                out.notes.append(f"agent: {type(exc).__name__}: {exc}")
+            deadline = time.monotonic() + out.bound_sec
+            done = self._wait_settled(tenant_id, deadline)
+        out.seconds = time.monotonic() - started
+        unfired = [Path(t).name for t in armed if _disarm(t)]
+        if unfired:
+            out.fired = False
+            out.notes.append(f"armed but never reached: {unfired}")
+        self._judge(tenant_id, out, done)
+        return out
+
+    def _act(self, point: str, tenant_id: str, key: str, armed: list, out: Outcome) -> None:
+        from dpp import faults
+
         try:
             if point in WORKER_POINTS or point in API_POINTS:
                 armed.append(faults.arm(str(self.tokens), point))
@@ -244,6 +403,14 @@ class Chaos:
                 self.submit(key)
             elif point == "worker_sigkill":
                 self._kill_worker_mid_pack(key)
+            elif point == "worker_sigstop":
+                # Frozen past its lease (a long GC pause, a stalled VM), then thawed:
+                # the sweep has failed its run, and the thawed worker must not finalize it.
+                run = self.submit(key, "slow", {"seconds": 2})
+                wait(lambda: self._progress(run.run_id) > 0, 20, "the pack to start")
+                self.platform.signal("worker", signal.SIGSTOP)
+                time.sleep(LEASE_SEC + 2 * SWEEP_SEC + 1)
+                self.platform.signal("worker", signal.SIGCONT)
             elif point == "api_sigkill":
                 timer = threading.Timer(random.uniform(0.0, 0.05), self.platform.kill, args=("api",))
                 timer.start()
@@ -253,11 +420,19 @@ class Chaos:
                 self.submit(key, "slow", {"seconds": 1})
                 time.sleep(random.uniform(0.0, 1.0))
                 self.redis.restart(keep_data=point == "redis_restart_with_data")
+            elif point == "redis_flushall":
+                self.submit(key, "slow", {"seconds": 1})
+                time.sleep(random.uniform(0.0, 1.0))
+                self.redis.flushall()
             elif point == "pg_terminate_backends":
                 self.submit(key, "slow", {"seconds": 1.5})
                 for _ in range(3):
                     time.sleep(random.uniform(0.1, 0.6))
                     self._terminate_backends()
+            elif point == "pg_restart":
+                self.submit(key, "slow", {"seconds": 1.5})
+                time.sleep(random.uniform(0.1, 1.0))
+                restart_postgres()
             elif point == "moto_restart":
                 self.submit(key)
                 time.sleep(random.uniform(0.0, 0.3))
@@ -265,23 +440,15 @@ class Chaos:
                 self._recreate_aws()
             elif point == "message_redelivery":
                 run = self.submit(key)
-                self._wait_terminal(tenant_id, deadline=started + TRIAL_DEADLINE_SEC)
+                self._wait_terminal(tenant_id, deadline=time.monotonic() + bound(point) + 30)
                 for _ in range(2):
                     self.deps.queue.enqueue_run(run.run_id, "chaos-redelivery")
+                time.sleep(VISIBILITY_SEC)  # judged after the duplicates were consumed, not before
+                self._wait_queue_empty(VISIBILITY_SEC * 3)
             else:
                 raise ValueError(point)
         except Exception as exc:  # the agent gave up: fine, as long as the money is right
             out.notes.append(f"agent: {type(exc).__name__}: {exc}")
-        done = self._wait_settled(tenant_id, deadline=started + TRIAL_DEADLINE_SEC)
-        out.seconds = time.monotonic() - started
-        unfired = [Path(t).name for t in armed if _disarm(t)]
-        if unfired:
-            # With trials in parallel another trial's process may have taken this
-            # trial's token: counted as not fired here, fired twice there.
-            out.fired = False
-            out.notes.append(f"armed but never reached: {unfired}")
-        self._judge(tenant_id, out, done)
-        return out
 
     def _kill_worker_mid_pack(self, key: str) -> None:
         run = self.submit(key, "slow", {"seconds": 2})
@@ -298,6 +465,17 @@ class Chaos:
     def _recreate_aws(self) -> None:
         devstack.ensure_bucket(self.settings.s3_result_bucket, self.settings.aws_region, self.moto.url)
         make_queue(self.settings.sqs_queue_name, self.settings.aws_region, self.moto.url)
+
+    def _wait_queue_empty(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                depth = self.deps.sqs.depth()
+                if not any(depth.values()):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.25)
 
     def _progress(self, run_id: str) -> float:
         from sqlalchemy import text
@@ -319,53 +497,99 @@ class Chaos:
             time.sleep(0.25)
         return False
 
-    def _wait_settled(self, tenant_id: str, deadline: float) -> bool:
-        """Every run terminal and Redis agreeing with the ledger (orphans released, mirrors restored)."""
+    def _wait_settled(self, tenant_ids, deadline: float) -> bool:
+        """Every run terminal and every Redis hold accounted for (quiescent audit), by the deadline."""
         from dpp.services.audit import audit
 
-        while time.monotonic() < deadline:
+        ids = [tenant_ids] if isinstance(tenant_ids, str) else list(tenant_ids)
+        while True:
             try:
-                if (self._in_flight(tenant_id) == 0 and not self.deps.budget.holds(tenant_id)
-                        and audit(self.deps, [tenant_id]).ok):
+                if (all(self._in_flight(t) == 0 for t in ids)
+                        and audit(self.deps, ids, quiescent=True).ok):
                     return True
             except Exception:  # a service is being restarted under us
                 pass
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.25)
-        return False
+
+    def expected_charge(self, pack_type: str, inputs, reserved: int) -> int:
+        """The pack's deterministic price for these inputs (SPEC §5), capped at the reservation."""
+        from dpp.domain.canonical import canonical_json
+
+        key = pack_type + canonical_json(inputs).decode()
+        if key not in self._prices:
+            pack = self.deps.packs.get(pack_type)
+            self._prices[key] = pack.run(pack.validate(inputs), lambda *_: None).actual_cost_micros
+        return min(self._prices[key], reserved)
+
+    def judge_tenants(self, tenant_ids: list, quiescent: bool) -> tuple[int, int, int, list]:
+        """(leaks, double charges, stuck, notes) over these tenants' books and runs."""
+        from sqlalchemy import text
+
+        from dpp.domain.runs import ErrorCode
+        from dpp.services.audit import audit
+
+        leaks = doubles = stuck = 0
+        notes: list = []
+        report = audit(self.deps, tenant_ids, quiescent=quiescent)
+        money = [v for v in report.violations if "AUDIT_REQUIRED" not in v]
+        leaks += len({v.split(":")[0].split("/")[0] for v in money})
+        notes += money[:10]
+        never_started = {ErrorCode.QUEUE_TIMEOUT.value, ErrorCode.ENQUEUE_FAILED.value, ErrorCode.CANCELED.value}
+        with self.deps.db.transaction() as s:
+            rows = s.execute(text(
+                "SELECT r.id, r.tenant_id, r.status, r.money_state, r.reserved_micros, r.minimum_fee_micros, "
+                "  r.pack_type, r.inputs, r.error_code, r.started_at, "
+                "  count(t.id) FILTER (WHERE t.kind = 'CHARGE') AS charges, "
+                "  coalesce(sum(t.amount_micros) FILTER (WHERE t.kind = 'CHARGE'), 0) AS charged "
+                "FROM runs r LEFT JOIN ledger_transfers t ON t.run_id = r.id WHERE r.tenant_id = ANY(:t) GROUP BY r.id"),
+                {"t": list(tenant_ids)}).mappings().all()
+        for row in rows:
+            receipt = self.deps.budget.receipt(row["tenant_id"], str(row["id"]))
+            if row["status"] not in ("COMPLETED", "FAILED") or row["money_state"] != "SETTLED":
+                if quiescent or row["money_state"] == "AUDIT_REQUIRED":
+                    stuck += 1
+                    notes.append(f"{row['id']}: {row['status']}/{row['money_state']}")
+                continue
+            if row["status"] == "COMPLETED":
+                want = self.expected_charge(row["pack_type"], row["inputs"], row["reserved_micros"])
+            elif row["error_code"] in never_started or row["started_at"] is None:
+                want = 0
+            else:
+                want = min(row["minimum_fee_micros"], row["reserved_micros"])
+            if row["charges"] != 1 or row["charged"] != want or (receipt and receipt["charge"] != row["charged"]):
+                doubles += 1
+                notes.append(f"{row['id']}: {row['status']}/{row['error_code']} charges={row['charges']} "
+                             f"charged={row['charged']} expected={want} receipt={receipt}")
+        return leaks, doubles, stuck, notes
 
     def _judge(self, tenant_id: str, out: Outcome, done: bool) -> None:
         from sqlalchemy import text
 
-        from dpp.services.audit import audit
-
-        report = audit(self.deps, [tenant_id])
-        for violation in report.violations:
-            out.notes.append(violation)
         with self.deps.db.transaction() as s:
-            rows = s.execute(text(
-                "SELECT r.id, r.status, r.money_state, r.reserved_micros, "
-                "  count(t.id) FILTER (WHERE t.kind = 'CHARGE') AS charges, "
-                "  coalesce(sum(t.amount_micros) FILTER (WHERE t.kind = 'CHARGE'), 0) AS charged "
-                "FROM runs r LEFT JOIN ledger_transfers t ON t.run_id = r.id WHERE r.tenant_id = :t GROUP BY r.id"),
-                {"t": tenant_id}).mappings().all()
-        for row in rows:
-            receipt = self.deps.budget.receipt(tenant_id, str(row["id"]))
-            if row["charges"] > 1 or row["charged"] > row["reserved_micros"] or (
-                receipt and row["charges"] == 1 and receipt["charge"] != row["charged"]
-            ):
-                out.double_charges += 1
-                out.notes.append(f"{row['id']}: charges={row['charges']} charged={row['charged']} receipt={receipt}")
-            if row["status"] not in ("COMPLETED", "FAILED") or row["money_state"] != "SETTLED":
-                out.stuck += 1
-                out.notes.append(f"{row['id']}: {row['status']}/{row['money_state']} after {out.seconds:.1f}s")
-        # Every run is over, so any Redis hold left is one nobody will release.
-        for run_id, amount, _ in self.deps.budget.holds(tenant_id):
-            report.violations.append(f"{tenant_id}/{run_id}: Redis still holds {amount}")
-        money_violations = [v for v in report.violations if "AUDIT_REQUIRED" not in v and "RESERVE" not in v]
-        if money_violations:
-            out.leaks += 1
-        if not done and not out.stuck and not money_violations:
-            out.notes.append("did not settle in time, but the books balance")
+            out.runs = s.execute(text("SELECT count(*) FROM runs WHERE tenant_id = :t"), {"t": tenant_id}).scalar()
+        if not out.runs:
+            out.notes.append("no run was recorded: the trial proved nothing")
+        # Its own tenant, quiescent: the bound has passed, nothing may be pending.
+        out.leaks, out.double_charges, out.stuck, notes = self.judge_tenants([tenant_id], quiescent=True)
+        out.notes += notes
+        if not done:
+            out.notes.append(f"not settled within its bound of {out.bound_sec:.0f} s")
+            out.stuck = max(out.stuck, 1)
+        # Every other tenant, as it stands (others' trials and the load are still running).
+        others = self._all_tenants() - {tenant_id}
+        leaks, doubles, _, notes = self.judge_tenants(sorted(others), quiescent=False)
+        if leaks or doubles:
+            out.leaks += leaks
+            out.double_charges += doubles
+            out.notes += [f"another tenant, seen after this trial: {n}" for n in notes]
+
+    def _all_tenants(self) -> set:
+        from sqlalchemy import text
+
+        with self.deps.db.transaction() as s:
+            return set(s.execute(text("SELECT id FROM tenants")).scalars())
 
 
 # --------------------------------------------------------------------------------------
@@ -408,15 +632,22 @@ def progress_bar(done: int, total: int, point: str, bad: int) -> None:
 
 
 def table(report: dict) -> str:
-    head = f"{'fault point':<38}{'trials':>7}{'fired':>7}{'leaks':>7}{'double':>8}{'stuck':>7}{'max s':>7}"
+    head = (f"{'fault point':<46}{'trials':>7}{'load':>6}{'fired':>7}{'leaks':>7}{'double':>8}{'stuck':>7}"
+            f"{'max s':>7}{'bound':>7}")
     lines = [head, "-" * len(head)]
     for fp in report["fault_points"]:
-        lines.append(f"{fp['name']:<38}{fp['trials']:>7}{fp['faults_fired']:>7}{fp['leaks']:>7}"
-                     f"{fp['double_charges']:>8}{fp['stuck']:>7}{fp['max_seconds_to_terminal']:>7.1f}")
+        lines.append(f"{fp['name']:<46}{fp['trials']:>7}{fp['trials_under_load']:>6}{fp['faults_fired']:>7}"
+                     f"{fp['leaks']:>7}{fp['double_charges']:>8}{fp['stuck']:>7}"
+                     f"{fp['max_seconds_to_terminal']:>7.1f}{fp['bound_sec']:>7.0f}")
     lines.append("-" * len(head))
     fired = sum(fp["faults_fired"] for fp in report["fault_points"])
-    lines.append(f"{'total':<38}{report['trials']:>7}{fired:>7}{report['leaks']:>7}"
+    lines.append(f"{'total':<46}{report['trials']:>7}{report['trials_under_load']:>6}{fired:>7}{report['leaks']:>7}"
                  f"{report['double_charges']:>8}{report['stuck']:>7}")
+    f = report["final_judgement"]
+    lines.append(f"final judgement of all {f.get('tenants', 0)} tenants: leaks {f['leaks']}, double charges "
+                 f"{f['double_charges']}, stuck {f['stuck']}; load runs {f.get('load_runs', 0)}")
+    lines.append(f"overlapping trials {report['trials_overlapping']}; unfired {report['unfired']}; "
+                 f"trials with no run {report['empty_trials']}")
     lines.append(f"max seconds from fault to settled: {report['max_seconds_to_terminal']:.1f}")
     return "\n".join(lines)
 
@@ -424,8 +655,15 @@ def table(report: dict) -> str:
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=int(os.environ.get("CHAOS_TRIALS", "3")),
-                        help="trials per fault point (CHAOS_TRIALS)")
+                        help="trials per fault point, alone (CHAOS_TRIALS)")
+    parser.add_argument("--load-trials", type=int, default=None,
+                        help="trials per fault point under multi-tenant load (default: --trials)")
+    parser.add_argument("--pair-trials", type=int, default=None,
+                        help="trials per pair of overlapping faults (default: --trials)")
+    parser.add_argument("--load", default=os.environ.get("CHAOS_LOAD", "3x2"),
+                        help="tenants x agents submitting during the load phase (CHAOS_LOAD)")
     parser.add_argument("--points", default="", help="comma-separated subset of fault points")
+    parser.add_argument("--pairs", default=None, help="comma-separated pairs (a+b); default: all")
     parser.add_argument("--report", default=str(ROOT / "build" / "chaos-report.json"))
     parser.add_argument("--seed", type=int, default=20261122)
     parser.add_argument("--parallel", type=int, default=int(os.environ.get("CHAOS_PARALLEL", "3")),
@@ -433,19 +671,24 @@ def main(argv: list | None = None) -> int:
     args = parser.parse_args(argv)
     random.seed(args.seed)
     points = [p for p in args.points.split(",") if p] or ALL
-    unknown = set(points) - set(ALL)
+    pairs = PAIRS if args.pairs is None else [p for p in args.pairs.split(",") if p]
+    unknown = {x for p in points + pairs for x in p.split("+")} - set(ALL)
     if unknown:
         parser.error(f"unknown fault points: {sorted(unknown)}")
+    load_trials = args.trials if args.load_trials is None else args.load_trials
+    pair_trials = args.trials if args.pair_trials is None else args.pair_trials
+    load_tenants, load_agents = (int(x) for x in args.load.lower().split("x"))
 
     # SIGTERM (a CI timeout, kill) must still stop every process and service we started.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=_mkdir(STATE)))
     tokens = _mkdir(run_dir / "tokens")
     redis, moto = OwnRedis(run_dir / "redis"), OwnMoto(run_dir / "moto")
-    stack = platform = None
+    stack = platform = pages = load = None
     try:
         redis.start()
         moto.start()
+        pages = PageServer()
         queue = f"dpp-chaos-{uuid.uuid4().hex[:6]}"
         os.environ.update({
             "DATABASE_URL": f"postgresql+psycopg2://postgres@127.0.0.1:{devstack.free_port()}/dpp_chaos",
@@ -460,9 +703,12 @@ def main(argv: list | None = None) -> int:
             SQS_QUEUE_URL=queue_url, DPP_FAULT_TOKENS=str(tokens), DPP_JSON_LOGS="1", PYTHONPATH=str(ROOT),
             DPP_EXTRA_PACKS="tests.support.packs:SlowPack", DPP_REDBEAT_KEY_PREFIX=f"dpp:redbeat:{queue}",
             WORKER_LEASE_TTL_SEC=str(LEASE_SEC), WORKER_HEARTBEAT_INTERVAL_SEC=str(HEARTBEAT_SEC),
-            WORKER_VISIBILITY_TIMEOUT_SEC=str(VISIBILITY_SEC), REAPER_INTERVAL_SEC="1", RECONCILE_INTERVAL_SEC="1",
+            WORKER_VISIBILITY_TIMEOUT_SEC=str(VISIBILITY_SEC), REAPER_INTERVAL_SEC=str(SWEEP_SEC),
+            RECONCILE_INTERVAL_SEC=str(SWEEP_SEC), MIRROR_WATCH_INTERVAL_SEC=str(WATCH_SEC),
             RECONCILE_THRESHOLD_MIN=str(THRESHOLD_SEC / 60), REAPER_QUEUED_TIMEOUT_SEC=str(QUEUED_TIMEOUT_SEC),
+            REAPER_REDRIVE_ATTEMPTS=str(REDRIVE_ATTEMPTS),
             REAPER_ORPHAN_HOLD_GRACE_SEC=str(ORPHAN_GRACE_SEC), AUDIT_INTERVAL_SEC="2",
+            DPP_URL_ALLOWLIST="127.0.0.1/32",
         )
         devstack.migrate(stack)
         os.environ.update(env)
@@ -476,42 +722,106 @@ def main(argv: list | None = None) -> int:
         seed_plans(d, extra_pack_types=("slow",))
         platform = Platform(env, _mkdir(run_dir / "logs"))
         platform.up()
-        say(f"chaos: {len(points)} fault points × {args.trials} trials; logs in {run_dir}")
-
         chaos = Chaos(d, platform, redis, moto, tokens, Settings.from_env())
-        results: dict[str, list[Outcome]] = {p: [] for p in points}
-        total, done, bad = len(points) * args.trials, 0, 0
+        phases = [("alone", points, args.trials), ("under load", points, load_trials), ("overlapping", pairs, pair_trials)]
+        total = sum(len(p) * n for _, p, n in phases)
+        say(f"chaos: {total} trials ({len(points)} points × {args.trials} alone, × {load_trials} under "
+            f"{load_tenants}×{load_agents} load; {len(pairs)} pairs × {pair_trials}); logs in {run_dir}")
+
+        results: dict[str, list[Outcome]] = {}
+        done, bad = 0, 0
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-            for point in points:
-                remaining = args.trials
-                while remaining:
-                    batch = min(remaining, max(1, args.parallel))
-                    progress_bar(done, total, point, bad)
-                    for outcome in pool.map(chaos.trial, [point] * batch):
-                        results[point].append(outcome)
-                        done += 1
-                        if outcome.leaks or outcome.double_charges or outcome.stuck:
-                            bad += 1
-                            say(f"\n✗ {point}: {outcome.notes}")
-                    remaining -= batch
+            for phase, names, trials in phases:
+                if not trials or not names:
+                    continue
+                if phase == "under load":
+                    load = Load(chaos, load_tenants, load_agents, pages.url)
+                    chaos.load = load
+                    load.start()
+                elif load is not None:
+                    load.stop()
+                    chaos.load = None
+                for name in names:
+                    remaining = trials
+                    while remaining:
+                        batch = min(remaining, max(1, args.parallel))
+                        progress_bar(done, total, f"{name} ({phase})", bad)
+                        for outcome in pool.map(chaos.trial, [name] * batch):
+                            results.setdefault(name, []).append(outcome)
+                            done += 1
+                            if outcome.failed:
+                                bad += 1
+                                say(f"\n✗ {name} ({phase}): {outcome.notes}")
+                        remaining -= batch
+        if load is not None:
+            load.stop()
         progress_bar(done, total, "done", bad)
         say("")
 
-        report = build_report(results, platform.restarts)
+        # The run's end: every tenant, quiescent, after the largest bound.
+        final_bound = max([bound(n) for n in points + pairs] + [0.0])
+        tenants = sorted(chaos._all_tenants())
+        settled = chaos._wait_settled(tenants, time.monotonic() + final_bound)
+        final = dict(zip(("leaks", "double_charges", "stuck"), chaos.judge_tenants(tenants, quiescent=True)[:3]))
+        final.update(tenants=len(tenants), settled_within_sec=final_bound if not settled else None,
+                     load_runs=load.submitted if load else 0, load_agent_errors=(load.errors[:10] if load else []))
+        if not settled:
+            final["stuck"] = max(final["stuck"], 1)
+
+        report = build_report(results, platform.restarts, final)
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
         print(table(report))
         print(f"report: {args.report}")
-        return 1 if (report["leaks"] or report["double_charges"] or report["stuck"]) else 0
+        failed = (report["leaks"] or report["double_charges"] or report["stuck"] or report["unfired"]
+                  or report["empty_trials"])
+        return 1 if failed else 0
     finally:
+        if load is not None:
+            load.stop()
         if platform is not None:
             platform.down()
+        if pages is not None:
+            pages.stop()
         moto.stop()
         redis.stop()
         if stack is not None:
             stack.down()
+
+
+class PageServer:
+    """A local page for the url pack's runs under load (loopback, allow-listed for the run)."""
+
+    BODY = (b"<html><head><title>DPP chaos page</title><meta name='description' content='a page'>"
+            b"</head><body><p>Money is never lost.</p><a href='/next'>next</a></body></html>")
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = self.BODY
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/page"
+
+    def stop(self) -> None:
+        self.server.shutdown()
 
 
 def _commit() -> str:
@@ -524,26 +834,39 @@ def _commit() -> str:
         return "unknown"
 
 
-def build_report(results: dict, restarts: dict) -> dict:
+def build_report(results: dict, restarts: dict, final: dict | None = None) -> dict:
     fault_points = []
     for name, outcomes in results.items():
         fault_points.append({
             "name": name,
             "trials": len(outcomes),
+            "trials_under_load": sum(o.under_load for o in outcomes),
             "leaks": sum(o.leaks for o in outcomes),
             "double_charges": sum(o.double_charges for o in outcomes),
             "stuck": sum(o.stuck for o in outcomes),
             "faults_fired": sum(o.fired for o in outcomes),
+            "empty_trials": sum(not o.runs for o in outcomes),
             "max_seconds_to_terminal": round(max((o.seconds for o in outcomes), default=0.0), 2),
-            "failures": [o.notes for o in outcomes if o.leaks or o.double_charges or o.stuck][:5],
+            "bound_sec": bound(name),
+            "failures": [o.notes for o in outcomes if o.failed][:5],
         })
+    final = final or {"leaks": 0, "double_charges": 0, "stuck": 0}
     return {
         "commit": _commit(),
         "trials": sum(fp["trials"] for fp in fault_points),
-        "leaks": sum(fp["leaks"] for fp in fault_points),
-        "double_charges": sum(fp["double_charges"] for fp in fault_points),
-        "stuck": sum(fp["stuck"] for fp in fault_points),
+        "trials_under_load": sum(fp["trials_under_load"] for fp in fault_points),
+        "trials_overlapping": sum(fp["trials"] for fp in fault_points if "+" in fp["name"]),
+        "leaks": sum(fp["leaks"] for fp in fault_points) + final["leaks"],
+        "double_charges": sum(fp["double_charges"] for fp in fault_points) + final["double_charges"],
+        "stuck": sum(fp["stuck"] for fp in fault_points) + final["stuck"],
+        "unfired": sum(fp["trials"] - fp["faults_fired"] for fp in fault_points),
+        "empty_trials": sum(fp["empty_trials"] for fp in fault_points),
         "max_seconds_to_terminal": max((fp["max_seconds_to_terminal"] for fp in fault_points), default=0.0),
+        "final_judgement": final,
+        "timers": {"lease_sec": LEASE_SEC, "heartbeat_sec": HEARTBEAT_SEC, "visibility_sec": VISIBILITY_SEC,
+                   "reconcile_threshold_sec": THRESHOLD_SEC, "queued_timeout_sec": QUEUED_TIMEOUT_SEC,
+                   "redrive_attempts": REDRIVE_ATTEMPTS, "orphan_grace_sec": ORPHAN_GRACE_SEC,
+                   "sweep_interval_sec": SWEEP_SEC, "mirror_watch_sec": WATCH_SEC, "restart_sec": RESTART_SEC},
         "process_restarts": restarts,
         "fault_points": fault_points,
     }

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    SmallInteger,
     MetaData,
     String,
     Text,
@@ -143,6 +144,9 @@ class Run(Base):
     started_at: Mapped[datetime | None] = mapped_column(TZ)
     finalize_claimed_at: Mapped[datetime | None] = mapped_column(TZ)
     finished_at: Mapped[datetime | None] = mapped_column(TZ)
+    # Re-drive of lost messages (SPEC §3): publishes so far, and when the last one went out.
+    enqueue_attempts: Mapped[int] = mapped_column(SmallInteger, server_default="1")
+    enqueued_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_runs_tenant_idempotency"),
@@ -158,6 +162,7 @@ class Run(Base):
         Index("ix_runs_tenant_created", "tenant_id", text("created_at DESC"), text("id DESC")),
         # Sweeps: each covers only the active runs it looks at.
         Index("ix_runs_queued_created", "created_at", postgresql_where=text("status = 'QUEUED'")),
+        Index("ix_runs_queued_enqueued", "enqueued_at", postgresql_where=text("status = 'QUEUED'")),
         Index(
             "ix_runs_processing_lease",
             "lease_expires_at",

@@ -67,6 +67,7 @@ class RunSnapshot:
     lease_expires_at: datetime | None
     reserved_micros: int
     minimum_fee_micros: int
+    enqueue_attempts: int = 1
 
 
 Changes = dict[str, Any]
@@ -123,6 +124,19 @@ def claim_unstarted(run: RunSnapshot, *, now: datetime) -> Changes:
     _require(run.status is RunStatus.QUEUED, f"run is {run.status.value}, not QUEUED")
     _require(run.finalize_stage is FinalizeStage.NONE, f"finalize already {run.finalize_stage.value}")
     return {"finalize_stage": FinalizeStage.CLAIMED, "finalize_claimed_at": now}
+
+
+def redrive(run: RunSnapshot, *, now: datetime, max_attempts: int) -> Changes:
+    """Publish a QUEUED run's message again: it waited too long, so it may be lost.
+
+    Counted first, so a crash before the publish costs an attempt, never a loop.
+    A run out of attempts is not re-driven: it ends (claim_unstarted, charge 0).
+    Duplicate deliveries are harmless: the lease claim lets only one worker in.
+    """
+    _require(run.status is RunStatus.QUEUED, f"run is {run.status.value}, not QUEUED")
+    _require(run.finalize_stage is FinalizeStage.NONE, f"finalize already {run.finalize_stage.value}")
+    _require(run.enqueue_attempts < max_attempts, f"{run.enqueue_attempts} of {max_attempts} publishes used")
+    return {"enqueue_attempts": run.enqueue_attempts + 1, "enqueued_at": now}
 
 
 def commit_completed(run: RunSnapshot, *, actual_cost_micros: int, now: datetime) -> Changes:

@@ -85,15 +85,16 @@ def expired_leases_query(limit: int):
     )
 
 
-def stale_queued_query(limit: int, timeout_sec: int):
+def stale_queued_query(limit: int, timeout_sec: float):
+    """QUEUED runs whose last publish is older than `timeout_sec` (one re-drive's share)."""
     return (
         select(orm.Run)
         .where(
             orm.Run.status == "QUEUED",
             orm.Run.finalize_stage == "NONE",
-            orm.Run.created_at < _db_now() - timedelta(seconds=timeout_sec),
+            orm.Run.enqueued_at < _db_now() - timedelta(seconds=timeout_sec),
         )
-        .order_by(orm.Run.created_at)
+        .order_by(orm.Run.enqueued_at)
         .limit(limit)
     )
 
@@ -141,13 +142,40 @@ def sweep_expired_leases(deps) -> SweepReport:
 
 
 def sweep_stale_queued(deps) -> SweepReport:
-    """QUEUED too long (message lost or dead-lettered) -> FAILED QUEUE_TIMEOUT, charge 0."""
+    """QUEUED too long: its message may be lost (broker restart, purge, dead-lettered).
+
+    Every `queued_timeout_sec / redrive_attempts` with no worker taking the run,
+    its message is published again, idempotently (the lease claim lets one worker
+    in; a duplicate is dropped). After the last attempt's share it ends FAILED
+    QUEUE_TIMEOUT, charge 0 — so a run never waits more than `queued_timeout_sec`
+    plus one sweep interval without a worker (docs/CHAOS.md).
+    """
     report = SweepReport("sweep_stale_queued")
-    stmt = stale_queued_query(deps.settings.reaper_scan_limit, deps.settings.queued_timeout_sec)
-    claimed = _claim_batch(deps, stmt, lambda snap, now: machine.claim_unstarted(snap, now=now))
+    attempts = deps.settings.redrive_attempts
+    share = deps.settings.queued_timeout_sec / attempts
+    stmt = stale_queued_query(deps.settings.reaper_scan_limit, share)
+
+    def redrive_or_end(snap, now):
+        if snap.enqueue_attempts < attempts:
+            return machine.redrive(snap, now=now, max_attempts=attempts)
+        return machine.claim_unstarted(snap, now=now)
+
+    claimed = _claim_batch(deps, stmt, redrive_or_end)
     report.claimed = len(claimed)
     for run in claimed:
         with run.scope(report.sweep):
+            with deps.db.transaction() as session:
+                row = RunRepository(session).get(run.run_id)
+            if row.finalize_stage == FinalizeStage.NONE.value:
+                try:
+                    deps.queue.enqueue_run(run.run_id, run.trace_id or "")
+                except Exception as exc:  # the broker is down: the next share tries again
+                    report.actions[run.run_id] = f"redrive-failed:{row.enqueue_attempts}:{type(exc).__name__}"
+                    continue
+                metrics.REDRIVES.inc()
+                report.actions[run.run_id] = f"redriven:{row.enqueue_attempts}"
+                log.warning("run re-driven: its message may be lost", extra={"action": report.actions[run.run_id]})
+                continue
             outcome = finalize.commit(
                 deps, run.run_id, RunStatus.FAILED, 0, code=ErrorCode.QUEUE_TIMEOUT,
                 message="the run waited in the queue too long and never started", from_queued=True,

@@ -740,7 +740,7 @@ def model_deps(seeded, settings, monkeypatch):
     """The services with every threshold at zero (every stale state is stale now),
     and the fault points raising `Crash` when armed."""
     deps = Deps(dataclasses.replace(
-        settings, reconcile_threshold_min=0, queued_timeout_sec=0, orphan_hold_grace_sec=0
+        settings, reconcile_threshold_min=0, queued_timeout_sec=0, orphan_hold_grace_sec=0, redrive_attempts=1
     ))
     deps.packs = seeded.packs
     for module in (submit, execute, finalize, sweeps):

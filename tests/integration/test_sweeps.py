@@ -26,7 +26,7 @@ MIN_FEE = 5_000  # pro plan
 @pytest.fixture
 def fast(clean):
     """The same services with thresholds of zero: every stale state is stale now."""
-    d = Deps(dataclasses.replace(clean.settings, reconcile_threshold_min=0, queued_timeout_sec=0))
+    d = Deps(dataclasses.replace(clean.settings, reconcile_threshold_min=0, queued_timeout_sec=0, redrive_attempts=1))
     d.packs = clean.packs
     return d
 
@@ -234,3 +234,44 @@ def test_a_hold_whose_run_was_never_recorded_is_released_after_the_grace(fast, t
     assert fast.budget.reservation(tenant_id, recorded) == 500_000
     execute.execute_run(fast, recorded)
     assert_invariants(fast)
+
+
+def test_a_run_whose_message_is_lost_is_redriven_then_completes(clean, tenant):
+    """The broker lost the message (purge, restart, dead-letter): the sweep publishes
+    it again before it would ever fail the run, and a worker then completes it."""
+    from tests.conftest import drain_queue
+    from dpp.adapters.aws import client
+
+    tenant_id, key = tenant
+    redriving = Deps(dataclasses.replace(clean.settings, queued_timeout_sec=0, redrive_attempts=3))
+    redriving.packs = clean.packs
+    (run_id,) = submitted(redriving, key)
+    sqs = client(clean.settings, "sqs", clean.settings.sqs_endpoint_url)
+    assert drain_queue(sqs, clean.settings.sqs_queue_url) == 1           # the message is gone
+    assert sweeps.sweep_stale_queued(redriving).actions == {run_id: "redriven:2"}
+    r = row(clean, run_id)
+    assert (r.status, r.enqueue_attempts, r.money_state) == ("QUEUED", 2, "RESERVED")
+    assert drain_queue(sqs, clean.settings.sqs_queue_url) == 1           # published again
+    assert execute.execute_run(redriving, run_id).startswith("completed:")
+    assert_invariants(clean)
+
+
+def test_a_run_out_of_redrive_attempts_fails_at_zero(clean, tenant):
+    tenant_id, key = tenant
+    redriving = Deps(dataclasses.replace(clean.settings, queued_timeout_sec=0, redrive_attempts=2))
+    redriving.packs = clean.packs
+    (run_id,) = submitted(redriving, key)
+    assert sweeps.sweep_stale_queued(redriving).actions == {run_id: "redriven:2"}
+    assert sweeps.sweep_stale_queued(redriving).actions == {run_id: "failed:QUEUE_TIMEOUT:0"}
+    r = row(clean, run_id)
+    assert (r.status, r.actual_cost_micros, r.enqueue_attempts) == ("FAILED", 0, 2)
+    assert execute.execute_run(redriving, run_id) == "duplicate:terminal"
+    assert_invariants(clean)
+
+
+def test_a_young_queued_run_is_neither_redriven_nor_failed(clean, tenant):
+    tenant_id, key = tenant
+    (run_id,) = submitted(clean, key)        # the default timeout: 1800 s, three shares of 600 s
+    assert sweeps.sweep_stale_queued(clean).actions == {}
+    assert row(clean, run_id).enqueue_attempts == 1
+    assert_invariants(clean)
