@@ -208,8 +208,13 @@ def test_a_pack_that_fails_after_starting_pays_the_minimum_fee(clean, tenant):
     assert_invariants(clean)
 
 
-def test_a_worker_whose_lease_is_gone_does_not_finalize(clean, tenant):
-    """Another process took the run over (here: its lease token changed) mid-pack."""
+def test_a_worker_whose_lease_is_gone_at_finalize_does_not_finalize(clean, tenant):
+    """Another process took the run over (its lease token changed) before the pack ran.
+
+    The 0.3 s pack ends long before the first heartbeat tick, so what refuses
+    here is the finalize CLAIM. The heartbeat noticing mid-pack and stopping the
+    pack is tests/integration/test_lease_loss.py.
+    """
     from sqlalchemy import text
 
     tenant_id, key = tenant
