@@ -34,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import devstack  # noqa: E402
 
+sys.path.insert(0, str(devstack.ROOT))  # the test-only packs (tests.support.packs) the judge prices
+
 ROOT = devstack.ROOT
 BIN = devstack.VENV_BIN
 STATE = devstack.LOCAL / "chaos"
@@ -664,6 +666,7 @@ def main(argv: list | None = None) -> int:
                         help="tenants x agents submitting during the load phase (CHAOS_LOAD)")
     parser.add_argument("--points", default="", help="comma-separated subset of fault points")
     parser.add_argument("--pairs", default=None, help="comma-separated pairs (a+b); default: all")
+    parser.add_argument("--load-points", default="", help="points for the load phase; default: --points")
     parser.add_argument("--report", default=str(ROOT / "build" / "chaos-report.json"))
     parser.add_argument("--seed", type=int, default=20261122)
     parser.add_argument("--parallel", type=int, default=int(os.environ.get("CHAOS_PARALLEL", "3")),
@@ -672,7 +675,8 @@ def main(argv: list | None = None) -> int:
     random.seed(args.seed)
     points = [p for p in args.points.split(",") if p] or ALL
     pairs = PAIRS if args.pairs is None else [p for p in args.pairs.split(",") if p]
-    unknown = {x for p in points + pairs for x in p.split("+")} - set(ALL)
+    load_points = [p for p in args.load_points.split(",") if p] or points
+    unknown = {x for p in points + pairs + load_points for x in p.split("+")} - set(ALL)
     if unknown:
         parser.error(f"unknown fault points: {sorted(unknown)}")
     load_trials = args.trials if args.load_trials is None else args.load_trials
@@ -723,7 +727,7 @@ def main(argv: list | None = None) -> int:
         platform = Platform(env, _mkdir(run_dir / "logs"))
         platform.up()
         chaos = Chaos(d, platform, redis, moto, tokens, Settings.from_env())
-        phases = [("alone", points, args.trials), ("under load", points, load_trials), ("overlapping", pairs, pair_trials)]
+        phases = [("alone", points, args.trials), ("under load", load_points, load_trials), ("overlapping", pairs, pair_trials)]
         total = sum(len(p) * n for _, p, n in phases)
         say(f"chaos: {total} trials ({len(points)} points × {args.trials} alone, × {load_trials} under "
             f"{load_tenants}×{load_agents} load; {len(pairs)} pairs × {pair_trials}); logs in {run_dir}")
@@ -761,7 +765,7 @@ def main(argv: list | None = None) -> int:
         say("")
 
         # The run's end: every tenant, quiescent, after the largest bound.
-        final_bound = max([bound(n) for n in points + pairs] + [0.0])
+        final_bound = max([bound(n) for n in points + pairs + load_points] + [0.0])
         tenants = sorted(chaos._all_tenants())
         settled = chaos._wait_settled(tenants, time.monotonic() + final_bound)
         final = dict(zip(("leaks", "double_charges", "stuck"), chaos.judge_tenants(tenants, quiescent=True)[:3]))
