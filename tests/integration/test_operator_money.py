@@ -12,8 +12,10 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import select
 
+from dpp import cli
 from dpp.adapters import orm
 from dpp.bootstrap import Deps
 from dpp.domain.errors import InsufficientBudget, ReferenceConflict
@@ -145,4 +147,82 @@ def test_a_topup_and_an_adjustment_may_share_a_reference(clean, tenant):
     ledger.topup(d, tenant_id, 1_000_000, reference="case-9")
     assert not ledger.adjust(d, tenant_id, -250_000, reason="partial refund", reference="case-9", operator="a").replayed
     assert books(d, tenant_id).available == FUNDED + 750_000
+    assert_invariants(d, [tenant_id])
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def dpp_cli(clean, monkeypatch):
+    """`dpp ...` in-process, on the test's deps; returns the click Result."""
+    monkeypatch.setattr(cli, "deps", lambda: clean)
+
+    def invoke(*args: str, env: dict | None = None):
+        return CliRunner().invoke(cli.main, list(args), env={"USER": "alice", **(env or {})})
+
+    return invoke
+
+
+def test_cli_topup_refuses_to_run_without_a_reference(clean, dpp_cli, tenant):
+    tenant_id, _ = tenant
+    result = dpp_cli("budget", "topup", "--tenant", tenant_id, "--amount", "5.00")
+    assert result.exit_code != 0
+    assert "--reference is required" in result.stderr and "twice" in result.stderr
+    assert books(clean, tenant_id).funded == FUNDED
+
+
+def test_cli_topup_twice_with_one_reference_credits_once(clean, dpp_cli, tenant):
+    tenant_id, _ = tenant
+    first = dpp_cli("budget", "topup", "--tenant", tenant_id, "--amount", "5.00", "--reference", "stripe-pi-1")
+    assert first.exit_code == 0, first.output
+    assert first.stdout.startswith("topped up 5.00 (reference stripe-pi-1); available 15.00")
+    second = dpp_cli("budget", "topup", "--tenant", tenant_id, "--amount", "5.00", "--reference", "stripe-pi-1")
+    assert second.exit_code == 0, second.output
+    assert second.stdout.startswith("already credited: reference stripe-pi-1") and "nothing moved" in second.stdout
+    other = dpp_cli("budget", "topup", "--tenant", tenant_id, "--amount", "6.00", "--reference", "stripe-pi-1")
+    assert other.exit_code != 0 and other.stdout == ""
+    assert other.stderr.count("\n") == 1 and "already credited 5.00" in other.stderr and "not 6.00" in other.stderr
+    d = clean
+    assert books(d, tenant_id).funded == FUNDED + 5_000_000 == d.budget.available(tenant_id)
+    assert_invariants(d, [tenant_id])
+
+
+def test_cli_topup_with_redis_down_exits_0_and_says_how_the_mirror_is_repaired(clean, settings, tmp_path, monkeypatch):
+    with private_redis(tmp_path) as redis_srv:
+        d = Deps(dataclasses.replace(settings, redis_url=redis_srv.url))
+        monkeypatch.setattr(cli, "deps", lambda: d)
+        tenant_id, _ = make_tenant(d)
+        redis_srv.stop()
+        result = CliRunner().invoke(
+            cli.main, ["budget", "topup", "--tenant", tenant_id, "--amount", "1.00", "--reference", "r-1"])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith("topped up 1.00")
+        assert "warning: the ledger is credited" in result.stderr
+        assert f"dpp budget rebuild --tenant {tenant_id}" in result.stderr
+        redis_srv.start()
+        replay = CliRunner().invoke(
+            cli.main, ["budget", "topup", "--tenant", tenant_id, "--amount", "1.00", "--reference", "r-1"])
+        assert replay.exit_code == 0 and replay.stdout.startswith("already credited")
+        rebuilt = CliRunner().invoke(cli.main, ["budget", "rebuild", "--tenant", tenant_id])
+        assert rebuilt.exit_code == 0 and "11.00" in rebuilt.stdout
+        assert_invariants(d, [tenant_id])
+
+
+def test_cli_adjust_is_audited_idempotent_and_refuses_a_negative_available(clean, dpp_cli, tenant):
+    tenant_id, _ = tenant
+    args = ("budget", "adjust", "--tenant", tenant_id, "--reason", "double-billed in March")
+    down = dpp_cli(*args, "--amount", "-2.50", "--reference", "T-1")
+    assert down.exit_code == 0, down.output
+    assert down.stdout.startswith("adjusted -2.50 (reference T-1, by alice); available 7.50")
+    assert dpp_cli(*args, "--amount", "-2.50", "--reference", "T-1").stdout.startswith("already adjusted")
+    too_much = dpp_cli(*args, "--amount", "-7.50001", "--reference", "T-2")
+    assert too_much.exit_code != 0 and "would make available negative (available 7.50)" in too_much.stderr
+    no_ref = dpp_cli(*args, "--amount", "1.00")
+    assert no_ref.exit_code != 0 and "--reference is required" in no_ref.stderr
+    nobody = dpp_cli(*args, "--amount", "1.00", "--reference", "T-3", env={"USER": ""})
+    assert nobody.exit_code != 0 and "--operator" in nobody.stderr
+    d = clean
+    assert transfers(d, tenant_id)[1:] == [("ADJUST", -2_500_000, "T-1", "double-billed in March (by alice)")]
+    assert books(d, tenant_id).available == d.budget.available(tenant_id) == 7_500_000
     assert_invariants(d, [tenant_id])
