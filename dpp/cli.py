@@ -252,6 +252,30 @@ def audit_cmd(tenant_ids: tuple[str, ...]) -> None:
     sys.exit(1)
 
 
+@main.command("reconcile")
+@click.argument("run_id")
+@click.option("--force", is_flag=True, help="Act even on a run a worker may still be finishing (a young "
+              "finalize claim or a live lease): only once you know that worker is gone.")
+def reconcile_cmd(run_id: str, force: bool) -> None:
+    """Resolve one run now, as `celery -A dpp call dpp.reconcile_run` does; print its report.
+
+    Exits 1 when the run is unknown or the reconcile was refused.
+    """
+    import json
+    import uuid
+
+    from dpp.services.sweeps import reconcile_run
+
+    try:
+        uuid.UUID(run_id)
+    except ValueError:
+        _fail(f"{run_id!r} is not a run id")
+    report = reconcile_run(deps(), run_id, force=force)
+    click.echo(json.dumps(report, indent=2, default=str))
+    if not report["found"] or str(report["action"]).startswith("refused"):
+        sys.exit(1)
+
+
 @main.command("verify")
 @click.argument("envelope_file", type=click.Path(dir_okay=False, allow_dash=True))
 def verify_cmd(envelope_file: str) -> None:

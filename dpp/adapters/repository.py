@@ -28,6 +28,7 @@ def snapshot(row: orm.Run) -> RunSnapshot:
         lease_expires_at=row.lease_expires_at,
         reserved_micros=row.reserved_micros,
         minimum_fee_micros=row.minimum_fee_micros,
+        finalize_claimed_at=row.finalize_claimed_at,
     )
 
 
