@@ -1,6 +1,7 @@
 """The admin CLI, `dpp` (SPEC §6): thin over the same services as the API."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -90,23 +91,117 @@ def budget() -> None:
     """Prepaid budget."""
 
 
+_REFERENCE_HELP = (
+    "Required: your unique id for this money (a payment, invoice or ticket id). A retry with the "
+    "same reference and amount moves nothing, so no money is ever moved twice."
+)
+
+
+def _money_arg(option: str, text: str, *, signed: bool = False) -> int:
+    sign = -1 if signed and text.startswith("-") else 1
+    try:
+        micros = parse_usd(text[1:] if signed and text[:1] in "+-" else text)
+    except InvalidMoney as exc:
+        _fail(f"{option} {exc}")
+    if micros == 0 or (not signed and micros < 0):
+        _fail(f"{option} must be {'non-zero' if signed else 'positive'}")
+    return sign * micros
+
+
+def _reference_arg(reference: str | None) -> str:
+    if reference is None or not reference.strip():
+        _fail("--reference is required: a unique id for this money (a payment, invoice or ticket id), "
+              "so that a retry with it never moves the money twice")
+    reference = reference.strip()
+    if len(reference) > 255 or not reference.isprintable():
+        _fail("--reference must be at most 255 printable characters")
+    return reference
+
+
+def _known_tenant(d, tenant_id: str) -> None:
+    from dpp.services import tenants
+
+    if not tenants.tenant_exists(d, tenant_id):
+        _fail(f"unknown tenant {tenant_id!r}")
+
+
+def _report_mirror(posted, tenant_id: str, what: str) -> None:
+    if posted.mirror == "unavailable":
+        click.echo(
+            f"warning: the ledger is {what}, but Redis could not be updated, so new runs see the old "
+            f"balance. Do not repeat this with a new reference. Run `dpp budget rebuild --tenant {tenant_id}` "
+            "once Redis answers (a retry with the same reference is safe: it moves nothing).",
+            err=True,
+        )
+    elif posted.mirror == "rebuilt":
+        click.echo("redis had no balance for the tenant: set from the ledger", err=True)
+
+
 @budget.command("topup")
 @click.option("--tenant", "tenant_id", required=True)
 @click.option("--amount", required=True, help='USD as a decimal string, e.g. 10.00')
-def budget_topup(tenant_id: str, amount: str) -> None:
-    from dpp.services import ledger, tenants
+@click.option("--reference", help=_REFERENCE_HELP)
+def budget_topup(tenant_id: str, amount: str, reference: str | None) -> None:
+    """Credit prepaid budget: the ledger first, then the Redis mirror.
 
-    try:
-        micros = parse_usd(amount)
-    except InvalidMoney as exc:
-        _fail(f"--amount {exc}")
-    if micros <= 0:
-        _fail("--amount must be positive")
+    Exits 0 once the ledger is credited, even if Redis then fails (with a
+    warning: the mirror lags until `dpp budget rebuild`).
+    """
+    from dpp.domain.errors import ReferenceConflict
+    from dpp.services import ledger
+
+    micros = _money_arg("--amount", amount)
+    reference = _reference_arg(reference)
     d = deps()
-    if not tenants.tenant_exists(d, tenant_id):
-        _fail(f"unknown tenant {tenant_id!r}")
-    after = ledger.topup(d, tenant_id, micros, memo="dpp budget topup")
-    click.echo(f"topped up {format_usd(micros)}; available {format_usd(after.available)}")
+    _known_tenant(d, tenant_id)
+    try:
+        posted = ledger.topup(d, tenant_id, micros, memo="dpp budget topup", reference=reference)
+    except ReferenceConflict as exc:
+        _fail(f"reference {reference!r} already credited {format_usd(exc.posted_micros)} to {tenant_id}, "
+              f"not {format_usd(micros)}; nothing moved (a new payment needs a new reference)")
+    if posted.replayed:
+        click.echo(f"already credited: reference {reference} topped up {format_usd(micros)} at "
+                   f"{posted.posted_at:%Y-%m-%d %H:%M:%S %Z}; nothing moved; available {format_usd(posted.books.available)}")
+        return
+    click.echo(f"topped up {format_usd(micros)} (reference {reference}); available {format_usd(posted.books.available)}")
+    _report_mirror(posted, tenant_id, "credited")
+
+
+@budget.command("adjust")
+@click.option("--tenant", "tenant_id", required=True)
+@click.option("--amount", required=True, help="Signed USD, e.g. 2.50 or -2.50 (taken from available).")
+@click.option("--reason", required=True, help="Why, for the audit trail (stored in the ledger memo).")
+@click.option("--reference", help=_REFERENCE_HELP)
+@click.option("--operator", default=lambda: os.environ.get("USER", ""), show_default="$USER",
+              help="Who is adjusting (logged and stored with the reason).")
+def budget_adjust(tenant_id: str, amount: str, reason: str, reference: str | None, operator: str) -> None:
+    """An audited correction of available (an ADJUST transfer), idempotent by reference."""
+    from dpp.domain.errors import InsufficientBudget, ReferenceConflict
+    from dpp.services import ledger
+
+    micros = _money_arg("--amount", amount, signed=True)
+    reference = _reference_arg(reference)
+    if not reason.strip():
+        _fail("--reason must say why")
+    if not operator.strip():
+        _fail("--operator is required when $USER is not set")
+    d = deps()
+    _known_tenant(d, tenant_id)
+    try:
+        posted = ledger.adjust(d, tenant_id, micros, reason=reason, reference=reference, operator=operator.strip())
+    except ReferenceConflict as exc:
+        _fail(f"reference {reference!r} already adjusted {tenant_id} by {format_usd(exc.posted_micros)}, "
+              f"not {format_usd(micros)}; nothing moved (a new correction needs a new reference)")
+    except InsufficientBudget as exc:
+        _fail(f"adjusting by {format_usd(micros)} would make available negative "
+              f"(available {format_usd(exc.available_micros)}); nothing moved")
+    if posted.replayed:
+        click.echo(f"already adjusted: reference {reference} moved {format_usd(micros)} at "
+                   f"{posted.posted_at:%Y-%m-%d %H:%M:%S %Z}; nothing moved; available {format_usd(posted.books.available)}")
+        return
+    click.echo(f"adjusted {format_usd(micros)} (reference {reference}, by {operator.strip()}); "
+               f"available {format_usd(posted.books.available)}")
+    _report_mirror(posted, tenant_id, "adjusted")
 
 
 @budget.command("show")
@@ -155,6 +250,30 @@ def audit_cmd(tenant_ids: tuple[str, ...]) -> None:
     for violation in report.violations:
         click.echo(f"  - {violation}")
     sys.exit(1)
+
+
+@main.command("reconcile")
+@click.argument("run_id")
+@click.option("--force", is_flag=True, help="Act even on a run a worker may still be finishing (a young "
+              "finalize claim or a live lease): only once you know that worker is gone.")
+def reconcile_cmd(run_id: str, force: bool) -> None:
+    """Resolve one run now, as `celery -A dpp call dpp.reconcile_run` does; print its report.
+
+    Exits 1 when the run is unknown or the reconcile was refused.
+    """
+    import json
+    import uuid
+
+    from dpp.services.sweeps import reconcile_run
+
+    try:
+        uuid.UUID(run_id)
+    except ValueError:
+        _fail(f"{run_id!r} is not a run id")
+    report = reconcile_run(deps(), run_id, force=force)
+    click.echo(json.dumps(report, indent=2, default=str))
+    if not report["found"] or str(report["action"]).startswith("refused"):
+        sys.exit(1)
 
 
 @main.command("verify")

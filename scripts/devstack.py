@@ -1067,7 +1067,7 @@ def _demo_tenant(env: dict) -> tuple:
     lines = [line.strip() for line in _cli(env, "key", "issue", "--tenant", tenant).splitlines() if line.strip()]
     if not lines:
         raise DevstackError("`dpp key issue` printed no key")
-    _cli(env, "budget", "topup", "--tenant", tenant, "--amount", "10.00")
+    _cli(env, "budget", "topup", "--tenant", tenant, "--amount", "10.00", "--reference", f"{tenant}-welcome")
     return tenant, lines[-1]
 
 

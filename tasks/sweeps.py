@@ -3,6 +3,7 @@
 All are idempotent and safe to run concurrently with themselves, so an
 engineer may trigger one by hand while beat runs it too:
     celery -A dpp call dpp.reconcile_run --args='["<run_id>"]'
+    celery -A dpp call dpp.reconcile_run --args='["<run_id>"]' --kwargs='{"force": true}'
 """
 import json
 import logging
@@ -67,8 +68,12 @@ def sweep_broker() -> dict:
 
 
 @app.task(name="dpp.reconcile_run", ignore_result=False)
-def reconcile_run(run_id: str) -> dict:
-    return _reported("dpp.reconcile_run", sweeps.reconcile_run(deps(), run_id))
+def reconcile_run(run_id: str, force: bool = False) -> dict:
+    """Refuses a run a worker may still be finishing unless force is the JSON boolean true."""
+    if not isinstance(force, bool):
+        # "false" as a string is truthy: guessing here could roll back a live run.
+        raise TypeError(f"force must be a JSON boolean (--kwargs='{{\"force\": true}}'), not {force!r}")
+    return _reported("dpp.reconcile_run", sweeps.reconcile_run(deps(), run_id, force=force))
 
 
 @app.task(name="dpp.audit_tenant", ignore_result=False)

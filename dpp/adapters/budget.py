@@ -88,6 +88,7 @@ class RedisBudget:
         self._settle = client.register_script(_load("settle"))
         self._release = client.register_script(_load("release"))
         self._credit = client.register_script(_load("credit"))
+        self._debit = client.register_script(_load("debit"))
         self._restore = client.register_script(_load("restore"))
         self._audit_read = client.register_script(_load("audit_read"))
 
@@ -150,6 +151,11 @@ class RedisBudget:
         """Add a committed top-up; None when Redis has no balance for the tenant."""
         balance = int(self._call(self._credit, [balance_key(tenant_id)], [amount_micros]))
         return None if balance < 0 else balance
+
+    def debit(self, tenant_id: str, amount_micros: int) -> int | None:
+        """Take a committed negative adjustment out; None when Redis has no balance for the tenant."""
+        found, balance = self._call(self._debit, [balance_key(tenant_id)], [amount_micros])
+        return int(balance) if found == 1 else None
 
     def available(self, tenant_id: str) -> int | None:
         try:

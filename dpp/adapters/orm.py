@@ -196,6 +196,9 @@ class LedgerTransfer(Base):
     credit_account: Mapped[str] = mapped_column(String(16))
     amount_micros: Mapped[int] = mapped_column(BigInteger)
     memo: Mapped[str | None] = mapped_column(Text)
+    # The operator's id for a top-up or adjustment (a payment, a ticket): a retry
+    # with the same one finds the first transfer instead of posting a second.
+    reference: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
 
     __table_args__ = (
@@ -223,6 +226,14 @@ class LedgerTransfer(Base):
             postgresql_where=text("run_id IS NOT NULL"),
         ),
         Index("ix_ledger_transfers_tenant_id", "tenant_id", "id"),
+        Index(
+            "uq_ledger_transfers_reference",
+            "tenant_id",
+            "kind",
+            "reference",
+            unique=True,
+            postgresql_where=text("reference IS NOT NULL"),
+        ),
     )
 
 

@@ -29,6 +29,7 @@ def snapshot(row: orm.Run) -> RunSnapshot:
         reserved_micros=row.reserved_micros,
         minimum_fee_micros=row.minimum_fee_micros,
         enqueue_attempts=row.enqueue_attempts or 1,
+        finalize_claimed_at=row.finalize_claimed_at,
     )
 
 

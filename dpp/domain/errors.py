@@ -51,6 +51,21 @@ class IdempotencyMismatch(DppError):
     """Same Idempotency-Key, different payload."""
 
 
+class ReferenceConflict(DppError):
+    """An operator's reference already names a different top-up or adjustment.
+
+    A reference is the operator's idempotency key: replaying it with the same
+    amount is a no-op, with another amount it is a mistake nobody may resolve
+    by guessing which of the two was meant.
+    """
+
+    def __init__(self, reference: str, posted_micros: int, requested_micros: int):
+        super().__init__(f"reference {reference!r} was already posted for {posted_micros} micros, not {requested_micros}")
+        self.reference = reference
+        self.posted_micros = posted_micros
+        self.requested_micros = requested_micros
+
+
 class RunNotFound(DppError):
     pass
 

@@ -6,7 +6,8 @@ between two of them, along the edges below; a balance is the sum of transfers.
     funding --TOPUP--> available --RESERVE--> held --CHARGE--> spent
                            ^                    |
                            +------RELEASE-------+
-    ADJUST: an audited correction along any of those edges.
+    ADJUST: an audited correction. The database allows any edge; an operator's
+            adjustment (`adjustment` below) only moves funding <-> available.
 
 Funding is a contra account: it goes negative by what was paid in, so the sum
 of all four balances is always zero and `funded = available + held + spent`.
@@ -60,6 +61,28 @@ def transfer(kind: TransferKind, amount_micros: int, run_id: str | None = None) 
         raise ValueError("a transfer moves a non-negative int of micros")
     debit, credit = EDGES[kind]
     return Transfer(kind, debit, credit, amount_micros, run_id)
+
+
+def adjustment(amount_micros: int) -> Transfer:
+    """An operator's correction of *available*: positive from funding, negative back to it.
+
+    Held and spent money belong to runs and are corrected through them (the
+    reconciler), never by hand, so these are the only two edges offered.
+    """
+    if not isinstance(amount_micros, int) or amount_micros == 0:
+        raise ValueError("an adjustment moves a non-zero int of micros")
+    if amount_micros > 0:
+        return Transfer(TransferKind.ADJUST, Account.FUNDING, Account.AVAILABLE, amount_micros)
+    return Transfer(TransferKind.ADJUST, Account.AVAILABLE, Account.FUNDING, -amount_micros)
+
+
+def signed_amount(t: Transfer) -> int:
+    """What a transfer did to *available*, with its sign (the inverse of `adjustment`)."""
+    if t.credit is Account.AVAILABLE:
+        return t.amount_micros
+    if t.debit is Account.AVAILABLE:
+        return -t.amount_micros
+    return 0
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ class RunSnapshot:
     reserved_micros: int
     minimum_fee_micros: int
     enqueue_attempts: int = 1
+    finalize_claimed_at: datetime | None = None
 
 
 Changes = dict[str, Any]
@@ -177,15 +178,17 @@ def failure_charge(run: RunSnapshot, started: bool) -> int:
     return min(run.minimum_fee_micros, run.reserved_micros) if started else 0
 
 
-def claim_expired(run: RunSnapshot, *, now: datetime) -> Changes:
+def claim_expired(run: RunSnapshot, *, now: datetime, force: bool = False) -> Changes:
     """The lease sweep's claim: a PROCESSING run whose lease ran out, not finalizing.
 
     The worker holding the stale lease can no longer CLAIM (its lease is not
-    live), so after this only the sweep ends the run.
+    live), so after this only the sweep ends the run. `force` (an engineer's
+    `reconcile_run`) takes a live lease too: clearing the token makes the
+    worker's heartbeat and CLAIM fail, so it stops without finalizing.
     """
     _require(run.status is RunStatus.PROCESSING, f"run is {run.status.value}, not PROCESSING")
     _require(run.finalize_stage is FinalizeStage.NONE, f"finalize already {run.finalize_stage.value}")
-    _require(not lease_live(run, now), "lease is still live")
+    _require(force or not lease_live(run, now), "lease is still live")
     return {"finalize_stage": FinalizeStage.CLAIMED, "finalize_claimed_at": now, "lease_token": None}
 
 
@@ -195,6 +198,25 @@ def take_over_claim(run: RunSnapshot, *, now: datetime) -> Changes:
     _require(run.finalize_stage is FinalizeStage.CLAIMED, f"finalize is {run.finalize_stage.value}, not CLAIMED")
     _require(not run.status.terminal, f"run is already {run.status.value}")
     return {"finalize_claimed_at": now}
+
+
+def reconcile_refusal(run: RunSnapshot, *, now: datetime, threshold: timedelta) -> str | None:
+    """Why an engineer's reconcile must leave this run alone for now; None when it may act.
+
+    A finalize claim younger than the reconcile threshold, or a live lease,
+    means a worker may be finishing the run this instant: settling it under
+    the worker makes two settlements race for one run's money. The
+    reconcile_stuck sweep waits the same threshold.
+    """
+    if run.finalize_stage is FinalizeStage.CLAIMED and run.finalize_claimed_at is not None:
+        age = now - run.finalize_claimed_at
+        if age < threshold:
+            return (f"claim is {age.total_seconds():.0f} s old, younger than the "
+                    f"{threshold.total_seconds():.0f} s threshold")
+    if run.finalize_stage is FinalizeStage.NONE and lease_live(run, now):
+        left = run.lease_expires_at - now
+        return f"lease is live for another {left.total_seconds():.0f} s (a worker holds it)"
+    return None
 
 
 def mark_audit_required(run: RunSnapshot, *, reason: str) -> Changes:

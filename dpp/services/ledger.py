@@ -9,6 +9,9 @@ state a sweep or `dpp budget rebuild` can resolve, and never money created:
 
 - top-up: ledger first, then Redis. A crash in between leaves Redis *lower*
   than the ledger (an agent sees less than it has), which the audit reports.
+  The operator's reference makes the retry a replay, never a second credit.
+- adjustment: the same order. A negative one that crashes in between leaves
+  Redis *higher*; the ledger's CHECK refuses any hold that would spend it.
 - reserve: Redis first (the atomic gate), then the ledger in the same
   transaction as the run row. If that transaction fails the Redis hold is
   released here; a crash in between leaves a Redis-only hold with no run.
@@ -20,15 +23,19 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from dpp.adapters import orm
 from dpp.adapters.budget import BudgetMissing
-from dpp.adapters.repository import fence_tenant
-from dpp.domain.errors import InsufficientBudget
-from dpp.domain.ledger import Account, Balances, Settlement, Transfer, TransferKind, settle, transfer
+from dpp.adapters.repository import fence_tenant, utcnow
+from dpp.domain.errors import DependencyUnavailable, InsufficientBudget, ReferenceConflict
+from dpp.domain.ledger import (
+    Account, Balances, Settlement, Transfer, TransferKind, adjustment, settle, signed_amount, transfer,
+)
 from dpp.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -41,11 +48,14 @@ _BALANCE_COLUMNS = {
 }
 
 
-def post(session: Session, tenant_id: str, t: Transfer, memo: str | None = None) -> None:
+def post(
+    session: Session, tenant_id: str, t: Transfer, memo: str | None = None, reference: str | None = None
+) -> None:
     """The one function that writes money to the ledger: a transfer and its balance effect.
 
     The balance row's CHECKs (no negative available/held/spent, sum zero) make
-    an impossible transfer fail the whole transaction.
+    an impossible transfer fail the whole transaction, and the unique index on
+    (tenant, kind, reference) a second transfer for an operator's reference.
     """
     session.add(
         orm.LedgerTransfer(
@@ -56,6 +66,7 @@ def post(session: Session, tenant_id: str, t: Transfer, memo: str | None = None)
             credit_account=t.credit.value,
             amount_micros=t.amount_micros,
             memo=memo,
+            reference=reference,
         )
     )
     debit, credit = _BALANCE_COLUMNS[t.debit], _BALANCE_COLUMNS[t.credit]
@@ -125,21 +136,131 @@ def balances_from_transfers(session: Session, tenant_id: str) -> Balances:
     return result
 
 
-# --- top-up ---------------------------------------------------------------
+# --- top-up and adjustment (the operator's money) -----------------------------
 
 
-def topup(deps, tenant_id: str, amount_micros: int, memo: str | None = None) -> Balances:
+@dataclass(frozen=True)
+class Posted:
+    """What an operator's top-up or adjustment did.
+
+    `books` are the ledger's balances after it (the truth). `replayed`: the
+    reference was posted before, so nothing moved this time. `mirror` is what
+    became of Redis: "moved"; "rebuilt" (it had no balance for the tenant, now
+    set from the ledger); "unavailable" (Redis failed after the ledger commit:
+    the money is in the ledger, the mirror lags until `dpp budget rebuild`);
+    "untouched" (a replay).
+    """
+
+    amount_micros: int  # signed: what it did to available
+    reference: str | None
+    books: Balances
+    replayed: bool
+    mirror: str
+    posted_at: datetime
+
+
+def topup(
+    deps, tenant_id: str, amount_micros: int, memo: str | None = None, reference: str | None = None
+) -> Posted:
+    """Fund a tenant: ledger first, then the Redis mirror.
+
+    With a `reference` (a payment id) a repeat is a replay that moves nothing,
+    and the same reference with another amount raises ReferenceConflict. That
+    is what makes an operator's retry safe: a failure after the ledger commit
+    leaves the money credited, and only the reference tells the retry so.
+    """
     if amount_micros <= 0:
         raise ValueError("a top-up is a positive amount")
+    return _post_by_reference(deps, tenant_id, transfer(TransferKind.TOPUP, amount_micros), memo, reference)
+
+
+def adjust(deps, tenant_id: str, amount_micros: int, *, reason: str, reference: str, operator: str) -> Posted:
+    """An audited correction of available (an ADJUST transfer), idempotent by reference.
+
+    Positive: funding -> available; negative: available -> funding, refused
+    with InsufficientBudget when available is short (held money belongs to
+    runs). The reason and the operator go into the memo and a WARNING log.
+    The mirror moves as for a top-up, ledger first: a crash in between leaves
+    Redis above the ledger after a negative adjustment until the rebuild, and
+    the ledger's CHECK (available >= 0) refuses any hold that would spend it.
+    """
+    if not reason or not reason.strip():
+        raise ValueError("an adjustment needs a reason")
+    if not reference:
+        raise ValueError("an adjustment needs a reference")
+    posted = _post_by_reference(
+        deps, tenant_id, adjustment(amount_micros), f"{reason.strip()} (by {operator})", reference
+    )
+    (log.info if posted.replayed else log.warning)(
+        "budget adjustment %s by %s: %s",
+        "replayed" if posted.replayed else "posted", operator, reason.strip(),
+        extra={"tenant_id": tenant_id, "amount_micros": amount_micros, "reference": reference,
+               "operator": operator, "reason": reason.strip(), "replayed": posted.replayed, "mirror": posted.mirror},
+    )
+    return posted
+
+
+def _post_by_reference(deps, tenant_id: str, t: Transfer, memo: str | None, reference: str | None) -> Posted:
+    if reference is not None and not (0 < len(reference) <= 255 and reference.isprintable() and reference == reference.strip()):
+        raise ValueError("a reference is 1-255 printable characters, no surrounding spaces")
+    signed = signed_amount(t)
+    # The tenant's fence, held in a transaction of its own from before the posting
+    # to after the mirror moved: a rebuild between our ledger commit and our Redis
+    # credit would set a balance that already has this money, and the credit would
+    # then add it twice.
+    with deps.db.transaction() as fence:
+        fence_tenant(fence, tenant_id)
+        return _post_fenced(deps, fence, tenant_id, t, signed, memo, reference)
+
+
+def _post_fenced(deps, fence: Session, tenant_id: str, t: Transfer, signed: int, memo, reference) -> Posted:
     with deps.db.transaction() as session:
-        balances(session, tenant_id, for_update=True)  # serialise top-ups per tenant
-        post(session, tenant_id, transfer(TransferKind.TOPUP, amount_micros), memo=memo)
-        after = balances(session, tenant_id)
-    if deps.budget.credit(tenant_id, amount_micros) is None:
+        # The row lock serialises a tenant's operator postings: a concurrent
+        # retry of the same reference waits here, then finds this one below.
+        books = balances(session, tenant_id, for_update=True)
+        earlier = _posted_with(session, tenant_id, t.kind, reference) if reference else None
+        if earlier is not None:
+            earlier_signed = signed_amount(
+                Transfer(t.kind, Account(earlier.debit_account), Account(earlier.credit_account), earlier.amount_micros)
+            )
+            if earlier_signed != signed:
+                raise ReferenceConflict(reference, earlier_signed, signed)
+            return Posted(signed, reference, books, replayed=True, mirror="untouched", posted_at=earlier.created_at)
+        if signed < 0 and books.available < -signed:
+            raise InsufficientBudget(books.available, -signed)
+        post(session, tenant_id, t, memo=memo, reference=reference)
+        books, posted_at = balances(session, tenant_id), utcnow(session)
+    return Posted(signed, reference, books, replayed=False,
+                  mirror=_mirror(deps, fence, tenant_id, signed, reference), posted_at=posted_at)
+
+
+def _posted_with(session: Session, tenant_id: str, kind: TransferKind, reference: str) -> orm.LedgerTransfer | None:
+    return session.execute(
+        select(orm.LedgerTransfer).where(
+            orm.LedgerTransfer.tenant_id == tenant_id,
+            orm.LedgerTransfer.kind == kind.value,
+            orm.LedgerTransfer.reference == reference,
+        )
+    ).scalar_one_or_none()
+
+
+def _mirror(deps, fence: Session, tenant_id: str, signed_micros: int, reference: str | None) -> str:
+    """Move Redis after the ledger committed. Never raises for Redis being down:
+    the money has moved, and an error here would invite a retry that moves it again."""
+    try:
+        moved = (deps.budget.credit if signed_micros > 0 else deps.budget.debit)(tenant_id, abs(signed_micros))
+        if moved is not None:
+            return "moved"
         # Redis has no balance for the tenant (new, or wiped): the whole mirror
         # from the ledger, the live holds with it, not just this balance.
-        rebuild(deps, tenant_id)
-    return after
+        rebuild(deps, tenant_id, session=fence)
+        return "rebuilt"
+    except DependencyUnavailable as exc:
+        log.warning(
+            "ledger posted but the redis mirror was not updated; it lags until `dpp budget rebuild`",
+            extra={"tenant_id": tenant_id, "amount_micros": signed_micros, "reference": reference, "error": str(exc)},
+        )
+        return "unavailable"
 
 
 # --- reserve --------------------------------------------------------------

@@ -377,21 +377,61 @@ def record_queue_depth(deps) -> dict:
     return depth
 
 
-def reconcile_run(deps, run_id: str) -> dict:
-    """The engineers' task: one run, whatever its state, with a readable report."""
+def reconcile_run(deps, run_id: str, force: bool = False) -> dict:
+    """The engineers' task: one run, whatever its state, with a readable report.
+
+    It keeps off a run a worker may be finishing right now (a finalize claim
+    younger than RECONCILE_THRESHOLD_MIN, or a PROCESSING run with a live
+    lease), as the reconcile_stuck sweep does, and says why in `action`.
+    force=True overrides: for an engineer who knows the worker is gone. If it
+    is not, the worker's own COMMIT races this one; a contradiction between
+    the two is flagged AUDIT_REQUIRED, never settled twice.
+    """
     before = _describe(deps, run_id)
     if before is None:
         return {"run_id": run_id, "found": False}
-    action = "nothing-to-do"
-    if before["finalize_stage"] == "CLAIMED" and before["money_state"] != "AUDIT_REQUIRED":
-        action = reconcile_one(deps, run_id)
-    elif before["status"] == "PROCESSING" and before["finalize_stage"] == "NONE" and before["lease_expired"]:
-        ids = _claim_batch(
-            deps, select(orm.Run).where(orm.Run.id == uuid.UUID(run_id)),
-            lambda snap, now: machine.claim_expired(snap, now=now),
-        )
-        action = reconcile_one(deps, run_id) if ids else "lease-changed"
-    return {"run_id": run_id, "found": True, "before": before, "action": action, "after": _describe(deps, run_id)}
+    action, overrode = "nothing-to-do", None
+    claimed = before["finalize_stage"] == "CLAIMED" and before["money_state"] != "AUDIT_REQUIRED"
+    if claimed or (before["status"] == "PROCESSING" and before["finalize_stage"] == "NONE"):
+        refused, overrode = _take_for_reconcile(deps, run_id, force)
+        action = refused or reconcile_one(deps, run_id)
+    report = {"run_id": run_id, "found": True, "force": force, "before": before, "action": action}
+    if overrode:
+        report["overrode"] = overrode
+        log.warning("reconcile_run forced over a live worker: %s", overrode,
+                    extra={"run_id": run_id, "action": action})
+    return {**report, "after": _describe(deps, run_id)}
+
+
+def _take_for_reconcile(deps, run_id: str, force: bool) -> tuple[str | None, str | None]:
+    """Judge and claim one run in one transaction, by the database's clock.
+
+    Returns (None, why it would have been refused, if forced) when the run is
+    now this reconcile's to end, or (the action to report, None) when it is not.
+    """
+    threshold = timedelta(minutes=deps.settings.reconcile_threshold_min)
+    with deps.db.transaction() as session:
+        row = session.execute(
+            select(orm.Run).where(orm.Run.id == uuid.UUID(run_id)).with_for_update(skip_locked=True)
+        ).scalar_one_or_none()
+        if row is None:
+            return "busy: another transaction holds the run (its worker or a sweep is settling it); try again", None
+        now, snap = utcnow(session), snapshot(row)
+        if snap.money_state is MoneyState.AUDIT_REQUIRED:
+            return "audit-required", None
+        why = machine.reconcile_refusal(snap, now=now, threshold=threshold)
+        if why and not force:
+            return f"refused: {why}; pass force=true to override", None
+        try:
+            if snap.finalize_stage is FinalizeStage.CLAIMED:
+                changes = machine.take_over_claim(snap, now=now)
+            else:
+                changes = machine.claim_expired(snap, now=now, force=force)
+        except InvalidTransition as exc:
+            return f"changed: {exc}", None
+        if not RunRepository(session).apply(snap, changes):
+            return "changed: the run moved while it was judged", None
+    return None, why
 
 
 def audit_tenant(deps, tenant_id: str) -> dict:

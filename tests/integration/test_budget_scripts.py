@@ -87,6 +87,15 @@ def test_credit_increments_and_never_invents_a_missing_balance(clean):
     assert b.credit("acme", 100) is None and b.available("acme") is None
 
 
+def test_debit_decrements_and_never_invents_a_missing_balance(clean):
+    b = clean.budget
+    assert b.debit("acme", 500) is None and b.available("acme") is None  # rebuilt from the ledger later
+    b.restore("acme", 500, {})
+    assert b.debit("acme", 200) == 300
+    assert b.debit("acme", 400) == -100  # the ledger already moved it: mirrored exactly
+    assert not b.reserve("acme", "r1", 1).ok  # and nothing can be held while it is below zero
+
+
 def test_restore_puts_holds_back_but_not_one_redis_already_settled(budget):
     """finalize settles Redis first, then the ledger: a rebuild in between must not
     resurrect the settled hold, and must count the release Redis already gave."""

@@ -43,4 +43,7 @@ def test_upgrade_downgrade_upgrade_leaves_no_drift(scratch_url):
         assert indexes[partial]["dialect_options"].get("postgresql_where"), partial
     transfer_indexes = {i["name"]: i for i in insp.get_indexes("ledger_transfers")}
     assert transfer_indexes["uq_ledger_transfers_run_kind"]["unique"]
+    by_reference = transfer_indexes["uq_ledger_transfers_reference"]
+    assert by_reference["unique"] and by_reference["column_names"] == ["tenant_id", "kind", "reference"]
+    assert by_reference["dialect_options"].get("postgresql_where")
     engine.dispose()

@@ -329,7 +329,7 @@ class MoneyModel(RuleBasedStateMachine):
         before = None if m.lost else self.deps.budget.available(tenant)
         after = ledger.topup(self.deps, tenant, amount)
         m.funded += amount
-        assert after.funded == m.funded
+        assert after.books.funded == m.funded
         if before is not None:
             assert self.deps.budget.available(tenant) == before + amount
         # A top-up on a missing mirror rebuilds it from the ledger, live holds

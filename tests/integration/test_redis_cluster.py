@@ -115,6 +115,7 @@ def _scenario(budget: RedisBudget, limiter: RedisRateLimiter, tenant: str, scale
     steps = [
         ("reserve before any credit", lambda: b.reserve(t, "r0", 1)),
         ("credit finds no balance", lambda: b.credit(t, 1_000 * scale)),
+        ("debit finds no balance", lambda: b.debit(t, 1_000 * scale)),
         ("restore sets a missing balance", lambda: b.restore(t, 1_000 * scale, {})),
         ("credit increments", lambda: b.credit(t, 500 * scale)),
         ("reserve ok", lambda: b.reserve(t, "r1", 300 * scale)),
@@ -142,6 +143,7 @@ def _scenario(budget: RedisBudget, limiter: RedisRateLimiter, tenant: str, scale
         ("receipt r5", lambda: b.receipt(t, "r5")),
         ("no receipt for a released run", lambda: b.receipt(t, "r3")),
         ("credit after all that", lambda: b.credit(t, 7)),
+        ("debit after all that", lambda: b.debit(t, 3)),
         ("final available", lambda: b.available(t)),
     ]
     steps += [(f"rate limit runs #{i}", lambda: limiter.hit(t, "runs", 60)) for i in range(1, 6)]
@@ -204,6 +206,8 @@ def test_every_script_gives_the_same_results_on_the_cluster_as_on_one_node(
         got = dict(on_cluster)
         assert got["reserve before any credit"] == ("raised", "BudgetMissing")
         assert got["credit finds no balance"] is None and got["credit increments"] == 1_500 * scale
+        assert got["debit finds no balance"] is None
+        assert got["debit after all that"] == got["credit after all that"] - 3 == got["final available"]
         assert got["reserve ok"].ok and not got["reserve insufficient"].ok
         assert got["reserve the same run twice"] == got["reserve ok"]
         assert got["settle replay"].replayed and not got["settle"].replayed
@@ -213,7 +217,7 @@ def test_every_script_gives_the_same_results_on_the_cluster_as_on_one_node(
         # r1 was settled in Redis (its receipt): no hold again, its release counts.
         assert got["available after restore"] == 1_000 * scale + 180 * scale
         assert (got["restored hold r4"], got["restored hold r5"]) == (250 * scale, 100 * scale)
-        assert got["final available"] == 1_000 * scale + 180 * scale + 60 * scale - 10 * scale + 7
+        assert got["final available"] == 1_000 * scale + 180 * scale + 60 * scale - 10 * scale + 7 - 3
         assert [got[f"rate limit runs #{i}"].position for i in range(1, 6)] == [1, 2, 3, 4, 5]
 
         # Identical final state, key by key (balances, holds, receipts, counters).

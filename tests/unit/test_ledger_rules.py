@@ -1,6 +1,6 @@
 import pytest
 
-from dpp.domain.ledger import Account, Balances, TransferKind, settle, transfer
+from dpp.domain.ledger import Account, Balances, TransferKind, adjustment, settle, signed_amount, transfer
 
 
 def test_each_kind_moves_along_its_edge():
@@ -15,6 +15,18 @@ def test_negative_or_float_amounts_are_refused():
         transfer(TransferKind.TOPUP, -1)
     with pytest.raises(ValueError):
         transfer(TransferKind.TOPUP, 1.5)
+
+
+def test_an_adjustment_only_moves_between_funding_and_available():
+    up, down = adjustment(700), adjustment(-300)
+    assert (up.kind, up.debit, up.credit, up.amount_micros) == (TransferKind.ADJUST, Account.FUNDING, Account.AVAILABLE, 700)
+    assert (down.kind, down.debit, down.credit, down.amount_micros) == (TransferKind.ADJUST, Account.AVAILABLE, Account.FUNDING, 300)
+    assert (signed_amount(up), signed_amount(down)) == (700, -300)
+    books = Balances().apply(transfer(TransferKind.TOPUP, 1_000)).apply(up).apply(down)
+    assert (books.funded, books.available, books.violations()) == (1_400, 1_400, [])
+    for nothing in (0, 1.5):
+        with pytest.raises(ValueError):
+            adjustment(nothing)
 
 
 def test_charge_is_capped_at_the_reservation():

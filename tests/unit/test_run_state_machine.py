@@ -95,3 +95,25 @@ def test_retention_boundary_instant_counts_as_expired():
     assert _expired(run, until)
     assert not _expired(run, until - timedelta(microseconds=1))
     assert not _expired(SimpleNamespace(retention_until=None), until)
+
+
+def test_reconcile_keeps_off_a_young_claim_and_a_live_lease():
+    threshold = timedelta(minutes=5)
+    young = snap(status=m.RunStatus.PROCESSING, finalize_stage=m.FinalizeStage.CLAIMED,
+                 finalize_claimed_at=NOW - timedelta(seconds=12))
+    assert m.reconcile_refusal(young, now=NOW, threshold=threshold) == (
+        "claim is 12 s old, younger than the 300 s threshold")
+    stuck = snap(status=m.RunStatus.PROCESSING, finalize_stage=m.FinalizeStage.CLAIMED,
+                 finalize_claimed_at=NOW - timedelta(seconds=300))
+    assert m.reconcile_refusal(stuck, now=NOW, threshold=threshold) is None
+    assert m.reconcile_refusal(processing(), now=NOW, threshold=threshold) == (
+        "lease is live for another 30 s (a worker holds it)")
+    expired = snap(status=m.RunStatus.PROCESSING, lease_token="tok", lease_expires_at=NOW - timedelta(seconds=1))
+    assert m.reconcile_refusal(expired, now=NOW, threshold=threshold) is None
+
+
+def test_only_a_forced_claim_takes_a_live_lease_and_it_clears_the_token():
+    with pytest.raises(InvalidTransition):
+        m.claim_expired(processing(), now=NOW)
+    changes = m.claim_expired(processing(), now=NOW, force=True)
+    assert changes["finalize_stage"] is m.FinalizeStage.CLAIMED and changes["lease_token"] is None
