@@ -555,7 +555,12 @@ class Chaos:
                     notes.append(f"{row['id']}: {row['status']}/{row['money_state']}")
                 continue
             if row["status"] == "COMPLETED":
-                want = self.expected_charge(row["pack_type"], row["inputs"], row["reserved_micros"])
+                try:
+                    want = self.expected_charge(row["pack_type"], row["inputs"], row["reserved_micros"])
+                except Exception as exc:  # the judge could not price it: say so, never crash the run
+                    notes.append(f"{row['id']}: could not price {row['pack_type']}: {exc}")
+                    doubles += 1
+                    continue
             elif row["error_code"] in never_started or row["started_at"] is None:
                 want = 0
             else:
@@ -702,6 +707,9 @@ def main(argv: list | None = None) -> int:
         os.environ.pop("SQS_QUEUE_URL", None)
         # A private PostgreSQL: the runner terminates its backends, never the machine's.
         stack = devstack.Stack().up()
+        # Every tenant is judged, so the database starts empty: no tenant of an
+        # earlier run (whose Redis is gone with that run) may be judged here.
+        devstack._pg_ensure_database(stack.env["DATABASE_URL"], fresh=True)
         queue_url = make_queue(queue, stack.env["AWS_REGION"], moto.url)
         env = stack.child_env(
             SQS_QUEUE_URL=queue_url, DPP_FAULT_TOKENS=str(tokens), DPP_JSON_LOGS="1", PYTHONPATH=str(ROOT),
@@ -741,6 +749,7 @@ def main(argv: list | None = None) -> int:
                 if not trials or not names:
                     continue
                 if phase == "under load":
+                    chaos.expected_charge("url", {"url": pages.url}, 10**9)  # priced while the page is up
                     load = Load(chaos, load_tenants, load_agents, pages.url)
                     chaos.load = load
                     load.start()
