@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
 from redbeat import RedBeatScheduler
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 LIVENESS = metrics.Liveness(stale_sec=60)
 REDIS_RETRY_SEC = 1.0
+LONG_AGO = datetime(2000, 1, 1, tzinfo=timezone.utc)  # a last run that makes any entry due
 
 
 class Role:
@@ -104,9 +106,13 @@ class Scheduler(RedBeatScheduler):
             log.warning("beat: %d of %d schedule entries missing from Redis (%s), re-seeding the schedule "
                         "from beat_schedule", len(missing), len(names), ", ".join(missing))
             metrics.BEAT_RESEEDS.inc()
-            # redbeat's start-up path: entries still present keep their last run,
-            # missing ones are due at once.
+            # redbeat's start-up path: entries still present keep their last run.
             self.setup_schedule()
+            # It stores a new entry as if it had just run (Celery's default), so a 30 s
+            # sweep would wait 30 s more, an hourly one an hour. Nobody knows when the
+            # lost ones last ran, and every sweep is safe to run at any time: due now.
+            for name in missing:
+                self.Entry.from_key(self.Entry.generate_key(self.app, name), app=self.app).reschedule(LONG_AGO)
 
 
 def health() -> tuple[bool, dict]:
