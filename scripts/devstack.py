@@ -3,7 +3,7 @@
 
     devstack.py services [--test]   make PostgreSQL, Redis and moto answer; print `export` lines
     devstack.py migrate  [--test]   services, then `alembic upgrade head` and `dpp plans seed`
-    devstack.py run                 services + migrate, then API, worker, beat and Flower
+    devstack.py run                 services + migrate, then API, worker, beat and Flower (each restarted if it dies)
     devstack.py test [pytest args]  fresh test database/Redis DB/queue/bucket, then pytest
     devstack.py aws                 only create the queues and the bucket (docker-compose init)
     devstack.py stop                stop the private PostgreSQL/Redis/moto recorded in .local/
@@ -1175,7 +1175,8 @@ def cmd_run(args) -> int:
         colorize = sys.stdout.isatty()
         metrics_ports = {"worker": worker_metrics_port, "beat": beat_metrics_port}
         commands = platform_commands(api_port, flower_port, basic_auth, metrics_ports)
-        colors = {role: _COLORS[index % len(_COLORS)] if colorize else "" for index, (role, _, _) in enumerate(commands)}
+        colors = {role: _COLORS[index % len(_COLORS)] if colorize else ""
+                  for index, (role, _, _) in enumerate(commands)}
         argv = {role: (cmd, extra) for role, cmd, extra in commands}
 
         def start(role: str) -> subprocess.Popen:
