@@ -55,6 +55,10 @@ WORKER_HEARTBEAT = Gauge(
 )
 BEAT_TICK = Gauge("dpp_beat_tick_timestamp_seconds", "Unix time of the scheduling beat's last tick",
                   multiprocess_mode="max")
+BEAT_STEP_DOWNS = Counter("dpp_beat_step_downs_total",
+                          "Times the scheduling beat lost redbeat's lock (expired, taken, Redis wiped) and stepped down")
+BEAT_RESEEDS = Counter("dpp_beat_schedule_reseeds_total",
+                       "Times the scheduling beat found static entries missing from Redis and re-seeded them")
 BROKER_SWEEP = Counter("dpp_broker_temporary_queues_deleted_total",
                        "Idle broadcast queues (dead Flower, crashed worker) deleted by dpp.sweep_broker")
 

@@ -3,7 +3,7 @@
 
     devstack.py services [--test]   make PostgreSQL, Redis and moto answer; print `export` lines
     devstack.py migrate  [--test]   services, then `alembic upgrade head` and `dpp plans seed`
-    devstack.py run                 services + migrate, then API, worker, beat and Flower
+    devstack.py run                 services + migrate, then API, worker, beat and Flower (each restarted if it dies)
     devstack.py test [pytest args]  fresh test database/Redis DB/queue/bucket, then pytest
     devstack.py aws                 only create the queues and the bucket (docker-compose init)
     devstack.py stop                stop the private PostgreSQL/Redis/moto recorded in .local/
@@ -1046,12 +1046,6 @@ def _pump(role: str, proc: subprocess.Popen, color: str) -> threading.Thread:
     return thread
 
 
-def _check_alive(children: list) -> None:
-    for role, proc in children:
-        if proc.poll() is not None:
-            raise DevstackError(f"{role} exited unexpectedly with code {proc.returncode}")
-
-
 def _cli(env: dict, *args: str) -> str:
     result = subprocess.run([tool("dpp"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                             stdin=subprocess.DEVNULL)
@@ -1165,8 +1159,11 @@ def cmd_run(args) -> int:
     api = f"http://127.0.0.1:{api_port}"
     flower = f"http://127.0.0.1:{flower_port}"
 
+    # Only `run` supervises: imported here so the image's `devstack.py aws` needs this file alone.
+    from role_supervisor import Supervisor
+
     stack = Stack()
-    children: list = []
+    supervisor = None
     pumps: list = []
     code = 0
     _install_interrupt_handlers()
@@ -1177,15 +1174,28 @@ def cmd_run(args) -> int:
         basic_auth = env["FLOWER_BASIC_AUTH"]
         colorize = sys.stdout.isatty()
         metrics_ports = {"worker": worker_metrics_port, "beat": beat_metrics_port}
-        for index, (role, cmd, extra) in enumerate(platform_commands(api_port, flower_port, basic_auth, metrics_ports)):
+        commands = platform_commands(api_port, flower_port, basic_auth, metrics_ports)
+        colors = {role: _COLORS[index % len(_COLORS)] if colorize else ""
+                  for index, (role, _, _) in enumerate(commands)}
+        argv = {role: (cmd, extra) for role, cmd, extra in commands}
+
+        def start(role: str) -> subprocess.Popen:
+            cmd, extra = argv[role]
             proc = start_process(cmd, env={**env, **extra})
-            children.append((role, proc))
-            pumps.append(_pump(role, proc, _COLORS[index % len(_COLORS)] if colorize else ""))
-            say(f"✓ started {role} (pid {proc.pid})")
+            pumps.append(_pump(role, proc, colors[role]))
+            return proc
+
+        # One role dying (beat losing Redis, the worker OOM-killed) restarts that role
+        # alone; the API, Flower and the rest keep serving.
+        supervisor = Supervisor(start, say=say, cleanup=stop_process)
+        for role in argv:
+            say(f"✓ started {role} (pid {supervisor.launch(role).pid})")
 
         deadline = time.monotonic() + 90
         while not http_answers(f"{api}/health", timeout=1, status=200):
-            _check_alive(children)
+            supervisor.poll()
+            if "api" in supervisor.given_up:
+                raise DevstackError("the API kept exiting before it answered; its output is above")
             if time.monotonic() > deadline:
                 raise DevstackError(f"{api}/health did not answer 200 within 90 s")
         say(f"✓ API at {api}")
@@ -1200,9 +1210,10 @@ def cmd_run(args) -> int:
             with _print_lock:
                 print(banner, flush=True)
 
-        while True:
-            _check_alive(children)
+        while supervisor.running():
+            supervisor.poll()
             time.sleep(0.5)
+        raise DevstackError("every role was given up on")
     except Interrupted as exc:
         say(f"… {exc}: stopping")
     except DevstackError as exc:
@@ -1210,9 +1221,9 @@ def cmd_run(args) -> int:
         code = 1
     finally:
         _ignore_interrupts()
-        if children:
-            stop_processes([proc for _, proc in reversed(children)])
-            say(f"✓ stopped {', '.join(role for role, _ in children)}")
+        if supervisor is not None and supervisor.procs:
+            stop_processes(list(reversed(supervisor.procs.values())))
+            say(f"✓ stopped {', '.join(supervisor.procs)}")
         for pump in pumps:
             pump.join(timeout=2)
         stack.down()

@@ -124,8 +124,8 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def test_operators_see_runs_workers_traces_and_money(ops, seeded):
-    # `seeded`, not `clean`: its FLUSHDB would take beat's redbeat lock away (and
-    # beat exits, as it should when another beat may hold the schedule).
+    # `seeded`, not `clean`: its FLUSHDB would take beat's redbeat lock and schedule
+    # away mid-test (beat steps down and re-seeds: tests/e2e/test_beat_resilience.py).
     tenant_id, key = make_tenant(seeded)
     flower = requests.Session()
     flower.auth = BASIC_AUTH
