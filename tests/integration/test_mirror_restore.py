@@ -35,13 +35,11 @@ def books(deps, tenant_id):
         return ledger.balances(session, tenant_id)
 
 
-def test_r1_concurrent_rebuilds_never_give_a_racing_submissions_hold_back_twice(clean, monkeypatch):
-    """Two rebuilds race a submission that is between its Redis hold and its ledger
-    commit. Unfenced, a rebuild reads a ledger that cannot see the hold, deletes the
-    holds set and sets the balance as if the money were free: the hold's money
-    comes back twice when the run settles."""
-    tenant_id, key = make_tenant(clean)
-    wipe(clean)
+def paused_submission(deps, key, monkeypatch, idempotency_key):
+    """Start a submission and pause it between its Redis hold and its ledger commit.
+
+    Returns (thread, results, go_on): set go_on to let it commit; results["run"] then.
+    """
     in_window, go_on = threading.Event(), threading.Event()
     real_record = ledger.record_reservation
 
@@ -51,11 +49,22 @@ def test_r1_concurrent_rebuilds_never_give_a_racing_submissions_hold_back_twice(
         go_on.wait(5)
 
     monkeypatch.setattr(ledger, "record_reservation", record_slowly)
-    submitted = {}
-    submitter = threading.Thread(target=lambda: submitted.setdefault(
-        "run", submit_run(clean, tenants.authenticate(clean, key), "r1", sub(), "t").run))
-    submitter.start()
+    results: dict = {}
+    thread = threading.Thread(target=lambda: results.setdefault(
+        "run", submit_run(deps, tenants.authenticate(deps, key), idempotency_key, sub(), "t").run))
+    thread.start()
     assert in_window.wait(10)
+    return thread, results, go_on
+
+
+def test_r1_concurrent_rebuilds_never_give_a_racing_submissions_hold_back_twice(clean, monkeypatch):
+    """Two rebuilds race a submission that is between its Redis hold and its ledger
+    commit. Unfenced, a rebuild reads a ledger that cannot see the hold, deletes the
+    holds set and sets the balance as if the money were free: the hold's money
+    comes back twice when the run settles."""
+    tenant_id, key = make_tenant(clean)
+    wipe(clean)
+    submitter, submitted, go_on = paused_submission(clean, key, monkeypatch, "r1")
     rebuilders = [threading.Thread(target=ledger.rebuild, args=(clean, tenant_id)) for _ in range(2)]
     for r in rebuilders:
         r.start()
@@ -126,20 +135,7 @@ def test_the_orphan_sweep_waits_for_a_submission_between_its_hold_and_its_commit
     released anyway, the run's later settle would give its release back on top."""
     tenant_id, key = make_tenant(clean)
     graceless = Deps(dataclasses.replace(clean.settings, orphan_hold_grace_sec=0))
-    in_window, go_on = threading.Event(), threading.Event()
-    real_record = ledger.record_reservation
-
-    def record_slowly(session, *args):
-        real_record(session, *args)
-        in_window.set()
-        go_on.wait(5)
-
-    monkeypatch.setattr(ledger, "record_reservation", record_slowly)
-    submitted = {}
-    submitter = threading.Thread(target=lambda: submitted.setdefault(
-        "run", submit_run(clean, tenants.authenticate(clean, key), "o1", sub(), "t").run))
-    submitter.start()
-    assert in_window.wait(10)
+    submitter, submitted, go_on = paused_submission(clean, key, monkeypatch, "o1")
     sweeper = threading.Thread(target=lambda: submitted.setdefault("report", sweeps.release_orphan_holds(graceless)))
     sweeper.start()
     time.sleep(0.5)
