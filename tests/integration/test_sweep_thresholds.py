@@ -28,7 +28,7 @@ def real(clean):
     """The services with production-like thresholds (config defaults, pinned here)."""
     d = Deps(dataclasses.replace(
         clean.settings, worker_lease_ttl_sec=LEASE_SEC, reconcile_threshold_min=THRESHOLD_MIN,
-        queued_timeout_sec=QUEUED_TIMEOUT_SEC, orphan_hold_grace_sec=GRACE_SEC,
+        queued_timeout_sec=QUEUED_TIMEOUT_SEC, orphan_hold_grace_sec=GRACE_SEC, redrive_attempts=3,
     ))
     d.packs = clean.packs
     return d
@@ -88,9 +88,12 @@ def test_the_reconciler_leaves_a_claim_younger_than_the_threshold_and_rolls_back
 def test_the_queue_sweep_leaves_a_run_queued_less_than_the_timeout_and_fails_an_older_one(real, tenant):
     tenant_id, key = tenant
     young, old = submitted(real, key, 2)
-    # One message is slow (29 minutes in a backed-up queue); the other was lost 31 minutes ago.
-    sql(real, "UPDATE runs SET created_at = now() - interval '29 minutes' WHERE id = :id", id=young)
-    sql(real, "UPDATE runs SET created_at = now() - interval '31 minutes' WHERE id = :id", id=old)
+    # The timeout is shared by the re-drives: a publish every 1800 s / 3 = 10 minutes.
+    # One message is slow (9 minutes in a backed-up queue); the other run has used
+    # its three publishes, the last one 11 minutes ago, so its 30 minutes are up.
+    sql(real, "UPDATE runs SET enqueued_at = now() - interval '9 minutes' WHERE id = :id", id=young)
+    sql(real, "UPDATE runs SET enqueued_at = now() - interval '11 minutes', enqueue_attempts = 3 "
+              "WHERE id = :id", id=old)
     before = state(real, tenant_id, young)
 
     assert sweeps.sweep_stale_queued(real).actions == {old: "failed:QUEUE_TIMEOUT:0"}
