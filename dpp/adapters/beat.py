@@ -124,19 +124,27 @@ def health() -> tuple[bool, dict]:
     return age < LIVENESS.stale_sec, {"role": "scheduling", "last_tick_age_sec": round(age, 1)}
 
 
+_restore_unfinished = False
+
+
 def watch_mirror() -> float:
     """Restore every tenant's Redis mirror right after Redis lost its data.
 
     Run by the scheduling beat on every tick, not sent as a task: it must not
     wait behind a backlog of runs, and there is exactly one active beat. One GET
-    when nothing happened. Returns the seconds until the next check.
+    when nothing happened. The sentinel is set before the restores, so a restore
+    cut short (PostgreSQL blinking) is finished on the next tick by checking
+    every tenant's key. Returns the seconds until the next check.
     """
+    global _restore_unfinished
     from dpp.bootstrap import deps
     from dpp.services.sweeps import restore_mirrors
 
     d = deps()
     try:
-        restore_mirrors(d)
+        restore_mirrors(d, force=_restore_unfinished)
+        _restore_unfinished = False
     except Exception:  # Redis or PostgreSQL blinking: the next tick tries again
+        _restore_unfinished = True
         log.warning("mirror watch failed; retrying on the next tick", exc_info=True)
     return d.settings.mirror_watch_interval_sec

@@ -67,8 +67,8 @@ class MirrorView:
     """
 
     balance_micros: int | None
-    members: list
-    detail: dict
+    members: "list[str]"
+    detail: "dict[str, tuple[int | None, int | None, int | None]]"
 
 
 class BudgetMissing(Exception):
@@ -197,11 +197,7 @@ class RedisBudget:
         (restore.lua: the caller holds the tenant's fence, so they are orphans).
         Returns the balance set.
         """
-        try:
-            members = {m.decode() for m in self.client.smembers(holds_key(tenant_id))}
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise DependencyUnavailable("redis", str(exc)) from exc
-        orphans = sorted(members - set(reservations))
+        orphans = sorted(set(self.hold_ids(tenant_id)) - set(reservations))
         keys = [balance_key(tenant_id), holds_key(tenant_id)]
         args = [available_micros, _now_ms(), len(reservations)]
         for run_id, amount in sorted(reservations.items()):
@@ -238,6 +234,7 @@ class RedisBudget:
         return [t for t, present in zip(tenant_ids, found) if not present]
 
     def hold_ids(self, tenant_id: str) -> "list[str]":
+        """The run ids in the tenant's holds set (no amounts: see `holds`)."""
         try:
             return sorted(m.decode() for m in self.client.smembers(holds_key(tenant_id)))
         except (redis.ConnectionError, redis.TimeoutError) as exc:

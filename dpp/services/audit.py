@@ -21,7 +21,6 @@ pending: each of those is a violation.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
@@ -52,11 +51,14 @@ def audit(deps, tenant_ids: list[str] | None = None, *, check_redis: bool = True
             tenant_ids = list(session.execute(select(orm.Tenant.id).order_by(orm.Tenant.id)).scalars())
     for tenant_id in tenant_ids:
         report.tenants_checked += 1
-        _tenant(deps, tenant_id, report, check_redis, quiescent)
+        _tenant(deps, tenant_id, report, check_redis)
+    if quiescent:  # after the bound nothing may still be on its way
+        report.violations += [f"still pending: {p}" for p in report.pending]
+        report.pending = []
     return report
 
 
-def _tenant(deps, tenant_id: str, report: AuditReport, check_redis: bool, quiescent: bool) -> None:
+def _tenant(deps, tenant_id: str, report: AuditReport, check_redis: bool) -> None:
     for attempt in range(READ_ATTEMPTS):
         found = AuditReport()
         with deps.db.snapshot() as session:
@@ -74,10 +76,7 @@ def _tenant(deps, tenant_id: str, report: AuditReport, check_redis: bool, quiesc
     report.violations += found.violations
     report.pending += found.pending
     if view is not None:
-        _judge_mirror(deps, tenant_id, cached, runs, view, report, quiescent)
-    if quiescent and report.pending:
-        report.violations += [f"still pending: {p}" for p in report.pending]
-        report.pending = []
+        _judge_mirror(deps, tenant_id, cached, runs, view, report)
 
 
 def _ledger(session, tenant_id: str, report: AuditReport):
@@ -143,7 +142,7 @@ def _mirror_read(deps, tenant_id: str, runs: dict):
     return deps.budget.audit_read(tenant_id, sorted(held | set(view.members)))
 
 
-def _judge_mirror(deps, tenant_id: str, cached, runs: dict, view, report: AuditReport, quiescent: bool) -> None:
+def _judge_mirror(deps, tenant_id: str, cached, runs: dict, view, report: AuditReport) -> None:
     """Invariant 3, with every hold and every early Redis settlement accounted for."""
     if view.balance_micros is None:
         report.pending.append(f"{tenant_id}: redis mirror absent (Redis lost its data); restore pending")
@@ -185,9 +184,3 @@ def _judge_mirror(deps, tenant_id: str, cached, runs: dict, view, report: AuditR
             f"{tenant_id}: redis available {view.balance_micros} != ledger available {cached.available}{accounted}"
         )
 
-
-def _uuid(value: str):
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return value

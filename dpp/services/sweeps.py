@@ -25,7 +25,7 @@ from dpp.adapters import orm
 from dpp.adapters.repository import RunRepository, fence_tenant, snapshot, utcnow
 from dpp.adapters.results import result_key
 from dpp.domain import runs as machine
-from dpp.domain.errors import InvalidTransition
+from dpp.domain.errors import DependencyUnavailable, InvalidTransition
 from dpp.domain.runs import ErrorCode, FinalizeStage, MoneyState, RunStatus
 from dpp.faults import fault_point
 from dpp.services import finalize, ledger
@@ -155,25 +155,28 @@ def sweep_stale_queued(deps) -> SweepReport:
     share = deps.settings.queued_timeout_sec / attempts
     stmt = stale_queued_query(deps.settings.reaper_scan_limit, share)
 
+    redriven: dict[str, int] = {}  # run id -> its publish number, for the runs re-driven now
+
     def redrive_or_end(snap, now):
         if snap.enqueue_attempts < attempts:
-            return machine.redrive(snap, now=now, max_attempts=attempts)
+            changes = machine.redrive(snap, now=now, max_attempts=attempts)
+            redriven[snap.run_id] = changes["enqueue_attempts"]
+            return changes
         return machine.claim_unstarted(snap, now=now)
 
     claimed = _claim_batch(deps, stmt, redrive_or_end)
     report.claimed = len(claimed)
     for run in claimed:
         with run.scope(report.sweep):
-            with deps.db.transaction() as session:
-                row = RunRepository(session).get(run.run_id)
-            if row.finalize_stage == FinalizeStage.NONE.value:
+            if run.run_id in redriven:
+                publish = redriven[run.run_id]
                 try:
                     deps.queue.enqueue_run(run.run_id, run.trace_id or "")
-                except Exception as exc:  # the broker is down: the next share tries again
-                    report.actions[run.run_id] = f"redrive-failed:{row.enqueue_attempts}:{type(exc).__name__}"
+                except DependencyUnavailable as exc:  # the broker is down: the next share tries again
+                    report.actions[run.run_id] = f"redrive-failed:{publish}:{exc.dependency}"
                     continue
                 metrics.REDRIVES.inc()
-                report.actions[run.run_id] = f"redriven:{row.enqueue_attempts}"
+                report.actions[run.run_id] = f"redriven:{publish}"
                 log.warning("run re-driven: its message may be lost", extra={"action": report.actions[run.run_id]})
                 continue
             outcome = finalize.commit(

@@ -225,3 +225,28 @@ def test_the_audit_under_concurrent_submissions_reports_no_drift(clean):
     judged = sum(1 for r in reports if not any("not judged" in p for p in r.pending))
     assert judged >= len(reports) // 2, "the audit must judge invariant 3 under load, not skip it"
     assert_invariants(clean)
+
+
+def test_a_restore_cut_short_is_finished_on_the_next_watch(clean, monkeypatch):
+    """The sentinel is set before the restores; if PostgreSQL blinks half-way, the
+    next tick must still find the tenants left without a mirror."""
+    from dpp.adapters import beat
+
+    first, second = make_tenant(clean)[0], make_tenant(clean)[0]
+    wipe(clean)
+    real_rebuild, calls = ledger.rebuild, []
+
+    def blink_once(deps, tenant_id, **kw):
+        if "session" not in kw:              # the watcher's call, not rebuild's own recursion
+            calls.append(tenant_id)
+        if len(calls) == 2 and "session" not in kw:
+            raise ConnectionError("PostgreSQL went away")
+        return real_rebuild(deps, tenant_id, **kw)
+
+    monkeypatch.setattr(ledger, "rebuild", blink_once)
+    monkeypatch.setattr("dpp.bootstrap.deps", lambda: clean)
+    beat.watch_mirror()                      # one tenant restored, then the blink
+    assert sum(clean.budget.available(t) is None for t in (first, second)) == 1
+    beat.watch_mirror()                      # the sentinel is back, yet the rest is finished
+    assert clean.budget.available(first) == clean.budget.available(second) == 10_000_000
+    assert_invariants(clean)
