@@ -477,7 +477,8 @@ class Chaos:
                 for _ in range(2):
                     self.deps.queue.enqueue_run(run.run_id, "chaos-redelivery")
                 self._fault(out)
-                self._wait_queue_empty(bound(point))  # judged after the duplicates were consumed, not before
+                # Judged after both duplicates were consumed (and dropped), not before.
+                self._wait_dropped(run.run_id, 2, bound(point))
             else:
                 raise ValueError(point)
         except Exception as exc:  # the agent gave up: fine, as long as the money is right
@@ -500,16 +501,16 @@ class Chaos:
         devstack.ensure_bucket(self.settings.s3_result_bucket, self.settings.aws_region, self.moto.url)
         make_queue(self.settings.sqs_queue_name, self.settings.aws_region, self.moto.url)
 
-    def _wait_queue_empty(self, timeout: float) -> None:
+    def _wait_dropped(self, run_id: str, copies: int, timeout: float) -> None:
+        """Until the worker logged `copies` deliveries of a finished run as dropped duplicates."""
+        log = self.platform.logs / "worker.log"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                depth = self.deps.sqs.depth()
-                if not any(depth.values()):
-                    return
-            except Exception:
-                pass
-            time.sleep(0.25)
+            with open(log, errors="replace") as f:
+                seen = sum(1 for line in f if run_id in line and '"reason": "duplicate:' in line)
+            if seen >= copies:
+                return
+            time.sleep(0.1)
 
     def _progress(self, run_id: str) -> float:
         from sqlalchemy import text
@@ -537,10 +538,11 @@ class Chaos:
 
         ids = [tenant_ids] if isinstance(tenant_ids, str) else list(tenant_ids)
         while True:
+            checked_at = time.monotonic()
             try:
                 if (all(self._in_flight(t) == 0 for t in ids)
                         and audit(self.deps, ids, quiescent=True).ok):
-                    return True
+                    return checked_at <= deadline  # settled, but late is late
             except Exception:  # a service is being restarted under us
                 pass
             if time.monotonic() >= deadline:
