@@ -125,6 +125,17 @@ def _known_tenant(d, tenant_id: str) -> None:
         _fail(f"unknown tenant {tenant_id!r}")
 
 
+def _report_posting(posted, tenant_id: str, what: str, verb: str, done: str) -> None:
+    """One line for an operator's posting (or its replay), then what became of Redis."""
+    available = format_usd(posted.books.available)
+    if posted.replayed:
+        click.echo(f"already {what}: reference {posted.reference} {verb} {format_usd(posted.amount_micros)} at "
+                   f"{posted.posted_at:%Y-%m-%d %H:%M:%S %Z}; nothing moved; available {available}")
+        return
+    click.echo(f"{done}; available {available}")
+    _report_mirror(posted, tenant_id, what)
+
+
 def _report_mirror(posted, tenant_id: str, what: str) -> None:
     if posted.mirror == "unavailable":
         click.echo(
@@ -159,12 +170,8 @@ def budget_topup(tenant_id: str, amount: str, reference: str | None) -> None:
     except ReferenceConflict as exc:
         _fail(f"reference {reference!r} already credited {format_usd(exc.posted_micros)} to {tenant_id}, "
               f"not {format_usd(micros)}; nothing moved (a new payment needs a new reference)")
-    if posted.replayed:
-        click.echo(f"already credited: reference {reference} topped up {format_usd(micros)} at "
-                   f"{posted.posted_at:%Y-%m-%d %H:%M:%S %Z}; nothing moved; available {format_usd(posted.books.available)}")
-        return
-    click.echo(f"topped up {format_usd(micros)} (reference {reference}); available {format_usd(posted.books.available)}")
-    _report_mirror(posted, tenant_id, "credited")
+    _report_posting(posted, tenant_id, "credited", "topped up",
+                    f"topped up {format_usd(micros)} (reference {reference})")
 
 
 @budget.command("adjust")
@@ -195,13 +202,8 @@ def budget_adjust(tenant_id: str, amount: str, reason: str, reference: str | Non
     except InsufficientBudget as exc:
         _fail(f"adjusting by {format_usd(micros)} would make available negative "
               f"(available {format_usd(exc.available_micros)}); nothing moved")
-    if posted.replayed:
-        click.echo(f"already adjusted: reference {reference} moved {format_usd(micros)} at "
-                   f"{posted.posted_at:%Y-%m-%d %H:%M:%S %Z}; nothing moved; available {format_usd(posted.books.available)}")
-        return
-    click.echo(f"adjusted {format_usd(micros)} (reference {reference}, by {operator.strip()}); "
-               f"available {format_usd(posted.books.available)}")
-    _report_mirror(posted, tenant_id, "adjusted")
+    _report_posting(posted, tenant_id, "adjusted", "moved",
+                    f"adjusted {format_usd(micros)} (reference {reference}, by {operator.strip()})")
 
 
 @budget.command("show")
