@@ -8,6 +8,8 @@ timeout, and the lease decides whether it may run again.
 import os
 from urllib.parse import urlsplit
 
+from kombu import Queue
+
 from dpp.config import get_settings
 
 _s = get_settings()
@@ -68,6 +70,21 @@ broker_connection_retry_on_startup = True
 broker_connection_timeout = 5
 
 task_default_queue = _s.sqs_queue_name
+# Two queues (SPEC §3): runs, and the sweeps with the engineers' tasks. A worker
+# consumes both unless told otherwise (`-Q`); the chart and the chaos runner can run
+# a sweeper of its own (`celery -A dpp worker -Q <queue>-sweeps`). Either way a
+# sweep never queues behind a backlog of runs (and runs never behind a backlog of
+# expired sweeps: a worker restart once left runs behind a minute of them).
+task_queues = (Queue(_s.sqs_queue_name), Queue(_s.sweeps_queue))
+
+
+def route_task(name, args, kwargs, options, task=None, **kw):
+    if name == "dpp.execute_run":
+        return {"queue": _s.sqs_queue_name}
+    return {"queue": _s.sweeps_queue}
+
+
+task_routes = (route_task,)
 task_serializer = "json"
 accept_content = ["json"]
 result_serializer = "json"

@@ -64,6 +64,10 @@ class Settings:
     aws_region: str = "us-east-1"
     sqs_endpoint_url: str | None = None
     sqs_queue_name: str = "dpp-runs"
+    # Sweeps and the engineers' tasks travel on a queue of their own, so that they
+    # never wait behind a backlog of runs, nor runs behind a backlog of sweeps.
+    # Default: "<sqs_queue_name>-sweeps", created on first use.
+    sqs_sweeps_queue_name: str | None = None
     sqs_queue_url: str | None = None
     s3_endpoint_url: str | None = None
     s3_result_bucket: str = "dpp-results"
@@ -101,6 +105,10 @@ class Settings:
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
 
+    @property
+    def sweeps_queue(self) -> str:
+        return self.sqs_sweeps_queue_name or f"{self.sqs_queue_name}-sweeps"
+
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "Settings":
         env = os.environ if environ is None else environ
@@ -117,6 +125,7 @@ class Settings:
             aws_region=env.get("AWS_REGION", cls.aws_region),
             sqs_endpoint_url=env.get("SQS_ENDPOINT_URL") or None,
             sqs_queue_name=env.get("SQS_QUEUE_NAME", cls.sqs_queue_name),
+            sqs_sweeps_queue_name=env.get("SQS_SWEEPS_QUEUE_NAME") or None,
             sqs_queue_url=env.get("SQS_QUEUE_URL") or None,
             s3_endpoint_url=env.get("S3_ENDPOINT_URL") or None,
             s3_result_bucket=env.get("S3_RESULT_BUCKET", cls.s3_result_bucket),

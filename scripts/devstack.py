@@ -846,6 +846,9 @@ class Stack:
 
         try:
             queue_url = ensure_queue(queue_name, region, sqs_endpoint, fresh=self.test)
+            # The sweeps' queue (celeryconfig.task_queues): created here so that a
+            # fresh test run starts it empty; Celery would create it on first use.
+            ensure_queue(f"{queue_name}-sweeps", region, sqs_endpoint, fresh=self.test)
             ensure_bucket(bucket, region, s3_endpoint, empty=self.test)
         except (BotoCoreError, ClientError) as exc:
             raise DevstackError(f"AWS resources at {sqs_endpoint or 'AWS'}: {exc}") from None

@@ -112,3 +112,27 @@ def test_restore_puts_holds_back_but_not_one_redis_already_settled(budget):
 def test_scripts_reload_after_a_script_flush(budget):
     budget.client.script_flush()
     assert budget.reserve("acme", "r1", 1).ok
+
+
+def test_settle_of_a_lost_hold_writes_its_receipt_and_releases_into_a_present_balance(budget):
+    """A present balance was set by a restore that counted the run as held, so the
+    release is due; the receipt stops a later rebuild from resurrecting the hold."""
+    receipt = budget.settle("acme", "lost", 120, 300)
+    assert receipt.reservation_missing and (receipt.charge_micros, receipt.release_micros) == (120, 180)
+    assert budget.available("acme") == 1_180
+    assert budget.receipt("acme", "lost")["release"] == 180
+    assert budget.settle("acme", "lost", 120, 300).replayed and budget.available("acme") == 1_180
+
+
+def test_settle_of_a_lost_hold_on_a_wiped_balance_invents_no_balance(clean):
+    b = clean.budget
+    receipt = b.settle("wiped", "lost", 120, 300)
+    assert receipt.reservation_missing and b.available("wiped") is None
+    b.restore("wiped", 1_000, {"lost": 300})       # the ledger still holds it: the receipt's release counts
+    assert b.available("wiped") == 1_180 and b.holds("wiped") == []
+
+
+def test_restore_drops_holds_the_ledger_does_not_know(budget):
+    assert budget.reserve("acme", "orphan", 200).ok and budget.reserve("acme", "live", 100).ok
+    assert budget.restore("acme", 900, {"live": 100}) == 900
+    assert [h[0] for h in budget.holds("acme")] == ["live"] and budget.reservation("acme", "orphan") is None

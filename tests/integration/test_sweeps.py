@@ -275,3 +275,27 @@ def test_a_young_queued_run_is_neither_redriven_nor_failed(clean, tenant):
     assert sweeps.sweep_stale_queued(clean).actions == {}
     assert row(clean, run_id).enqueue_attempts == 1
     assert_invariants(clean)
+
+
+def test_a_redrive_that_cannot_publish_counts_its_attempt_and_moves_no_money(clean, tenant, monkeypatch):
+    """SQS is down when the sweep re-drives: the attempt is spent, the run stays
+    QUEUED with its reservation, and the next share tries again."""
+    from dpp.domain.errors import DependencyUnavailable
+
+    tenant_id, key = tenant
+    redriving = Deps(dataclasses.replace(clean.settings, queued_timeout_sec=0, redrive_attempts=3))
+    redriving.packs = clean.packs
+    (run_id,) = submitted(redriving, key)
+
+    def broker_down(*args, **kwargs):
+        raise DependencyUnavailable("queue", "test: SQS is down")
+
+    monkeypatch.setattr(redriving.queue, "enqueue_run", broker_down)
+    assert sweeps.sweep_stale_queued(redriving).actions == {run_id: "redrive-failed:2:queue"}
+    r = row(clean, run_id)
+    assert (r.status, r.enqueue_attempts, r.money_state, r.reserved_micros) == ("QUEUED", 2, "RESERVED", 500_000)
+    assert_invariants(clean)
+    monkeypatch.undo()
+    assert sweeps.sweep_stale_queued(redriving).actions == {run_id: "redriven:3"}
+    assert execute.execute_run(redriving, run_id).startswith("completed:")
+    assert_invariants(clean)
