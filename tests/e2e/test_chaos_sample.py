@@ -54,3 +54,44 @@ def test_every_fault_point_once_plus_load_and_overlap_loses_no_money(tmp_path):
     assert (report["leaks"], report["double_charges"], report["stuck"]) == (0, 0, 0), out + err[-4000:]
     assert report["final_judgement"]["tenants"] >= len(chaos.ALL) + 2
     assert code == 0
+
+
+def _running(needle: str) -> list:
+    out = subprocess.run(["pgrep", "-af", needle], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_a_chaos_run_stopped_by_sigterm_leaves_no_process_behind():
+    """A CI timeout sends SIGTERM: the runner must stop the platform and the Redis,
+    moto and PostgreSQL it started before it exits, mid-trial or not."""
+    import re
+    import time
+
+    pg_data = str(ROOT / ".local" / "pg" / "data")
+    pg_before = bool(_running(pg_data))
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "chaos.py"), "--trials", "1", "--points", "worker_sigkill",
+         "--load-trials", "0", "--pair-trials", "0", "--report", "/dev/null"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+    )
+    run_dir, seen = None, []
+    deadline = time.monotonic() + 180
+    while run_dir is None and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen.append(line)
+        found = re.search(r"logs in (\S+)", line)
+        if found:
+            run_dir = found.group(1)
+    assert run_dir, "".join(seen[-20:])
+    assert _running(run_dir), "the runner's Redis and beat run with its directory in their command line"
+    time.sleep(3)  # mid-trial
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the runner did not stop within 120 s of SIGTERM")
+    time.sleep(1)
+    assert _running(run_dir) == []
+    if not pg_before:
+        assert _running(pg_data) == []
