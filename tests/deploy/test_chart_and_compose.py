@@ -162,3 +162,14 @@ def test_compose_uses_the_names_make_run_uses():
     conditions = doc["services"]["worker"]["depends_on"]
     assert conditions["migrate"]["condition"] == "service_completed_successfully"
     assert all("healthcheck" in s for n, s in doc["services"].items() if n not in ("aws-init", "migrate"))
+
+
+def test_beat_may_reach_postgresql_for_the_mirror_watch(release):
+    """Beat rebuilds the tenants' budget mirrors from the ledger after a Redis loss:
+    a network policy that lets it reach only Redis and AWS would stop that cold."""
+    values_file, docs = release
+    policies = by_kind(docs, "NetworkPolicy")
+    assert "dpp-beat" in policies, f"{values_file} renders no network policy for beat"
+    ports = lambda name: {p.get("port") for rule in policies[name]["spec"]["egress"] for p in rule.get("ports", [])}
+    postgres = ports("dpp-migrate") - {53}
+    assert postgres and postgres <= ports("dpp-beat")
