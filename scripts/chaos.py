@@ -17,6 +17,7 @@ trial leaked, double-charged or got stuck.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -121,6 +122,7 @@ class OwnRedis:
 
     def __init__(self, home: Path):
         self.home, self.port, self.proc = home, devstack.free_port(), None
+        self.restarting = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -136,13 +138,14 @@ class OwnRedis:
         wait(lambda: devstack._redis_probe(self.url) is None, 15, "Redis to answer")
 
     def restart(self, keep_data: bool) -> None:
-        self.proc.send_signal(signal.SIGKILL)  # no clean shutdown: the AOF is all it keeps
-        self.proc.wait(10)
-        if not keep_data:
-            for child in self.home.iterdir():
-                if child.name != "redis.log":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        self.start()
+        with self.restarting:  # one restart at a time: parallel trials share this Redis
+            self.proc.send_signal(signal.SIGKILL)  # no clean shutdown: the AOF is all it keeps
+            self.proc.wait(10)
+            if not keep_data:
+                for child in self.home.iterdir():
+                    if child.name != "redis.log":
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+            self.start()
 
     def flushall(self) -> None:
         """Every key gone while Redis keeps running (an operator's FLUSHALL, a bad failover)."""
@@ -153,23 +156,36 @@ class OwnRedis:
             devstack.stop_process(self.proc)
 
 
+_PG_RESTART = threading.Lock()
+
+
 def restart_postgres() -> None:
-    """Restart the runner's private PostgreSQL in immediate mode (a crash: no checkpoint)."""
+    """Restart the runner's private PostgreSQL in immediate mode (a crash: no checkpoint).
+
+    One restart at a time (parallel trials), and the server is always brought back:
+    a failed start is retried, as an operator's supervisor would.
+    """
     as_pg = devstack._pg_user_kwargs()
-    home = devstack._pg_running_home(as_pg)
-    if home is None:
-        raise RuntimeError("no private PostgreSQL to restart")
-    result = subprocess.run(
-        [str(devstack._pg_bindir() / "pg_ctl"), "-D", str(home / "data"), "-l", str(home / "postgres.log"),
-         "-w", "-t", "60", "-m", "immediate", "restart"],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=home, start_new_session=True, **as_pg)
-    if result.returncode != 0:
-        raise RuntimeError(f"pg_ctl restart failed: {result.stderr.strip()}")
+    with _PG_RESTART:
+        home = devstack._pg_running_home(as_pg) or next(
+            h for h in devstack._pg_homes() if (h / "data" / "PG_VERSION").exists())
+        pg_ctl = [str(devstack._pg_bindir() / "pg_ctl"), "-D", str(home / "data"), "-l", str(home / "postgres.log"),
+                  "-w", "-t", "60"]
+        run = lambda *args: subprocess.run(pg_ctl + list(args), capture_output=True, text=True,  # noqa: E731
+                                           stdin=subprocess.DEVNULL, cwd=home, start_new_session=True, **as_pg)
+        result = run("-m", "immediate", "restart")
+        for _ in range(5):
+            if result.returncode == 0 or run("status").returncode == 0:
+                return
+            time.sleep(1)
+            result = run("start")
+        raise RuntimeError(f"pg_ctl could not bring PostgreSQL back: {result.stderr.strip()}")
 
 
 class OwnMoto:
     def __init__(self, home: Path):
         self.home, self.port, self.proc = home, devstack.free_port(), None
+        self.restarting = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -182,9 +198,10 @@ class OwnMoto:
         wait(lambda: devstack.http_answers(self.url, timeout=1), 30, "moto to answer")
 
     def restart(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.start()
+        with self.restarting:  # one restart at a time: parallel trials share this moto
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+            self.start()
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -200,6 +217,7 @@ class Platform:
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._freeze_lock = threading.Lock()
         self._stop = threading.Event()
 
     @property
@@ -233,6 +251,17 @@ class Platform:
 
     def kill(self, role: str) -> None:
         self.signal(role, signal.SIGKILL)
+
+    @contextlib.contextmanager
+    def frozen(self, role: str):
+        """SIGSTOP the role for the block, then SIGCONT; one freeze at a time (parallel
+        trials would otherwise thaw each other's worker early)."""
+        with self._freeze_lock:
+            self.signal(role, signal.SIGSTOP)
+            try:
+                yield
+            finally:
+                self.signal(role, signal.SIGCONT)
 
     def signal(self, role: str, sig: int) -> None:
         with self._lock:
@@ -376,8 +405,8 @@ class Chaos:
         for a in actors:
             a.start()
         for a in actors:
-            a.join(bound(point) + 60)
-        done = self._wait_settled(tenant_id, self._deadline(out, started))
+            a.join(bound(point) + 90)
+        done = self._wait_settled(tenant_id, self._deadline(out, time.monotonic()))
         # A token the trial's own run did not reach (another trial's process took
         # it, or the run ended first): play the agent again until it fires.
         for _ in range(3):
@@ -440,41 +469,39 @@ class Chaos:
             elif point == "worker_sigstop":
                 # Frozen past its lease (a long GC pause, a stalled VM), then thawed:
                 # the sweep has failed its run, and the thawed worker must not finalize it.
-                run = self.submit(key, "slow", {"seconds": 2})
-                wait(lambda: self._progress(run.run_id) > 0, 60, "the pack to start")  # behind the load's backlog
-                self.platform.signal("worker", signal.SIGSTOP)
-                self._fault(out)
-                time.sleep(LEASE_SEC + 2 * SWEEP_SEC + 1)
-                self.platform.signal("worker", signal.SIGCONT)
+                self._pack_started(key, out)
+                with self.platform.frozen("worker"):
+                    self._fault(out)
+                    time.sleep(LEASE_SEC + 2 * SWEEP_SEC + 1)
             elif point == "api_sigkill":
                 timer = threading.Timer(random.uniform(0.0, 0.05),
                                         lambda: (self.platform.kill("api"), self._fault(out)))
                 timer.start()
-                self.submit(key)
+                self._agent(key, out)
                 timer.join()
             elif point in ("redis_restart_with_data", "redis_restart_without_data"):
-                self.submit(key, "slow", {"seconds": 1})
+                self._agent(key, out, "slow", {"seconds": 1})
                 time.sleep(random.uniform(0.0, 1.0))
                 self.redis.restart(keep_data=point == "redis_restart_with_data")
                 self._fault(out)
             elif point == "redis_flushall":
-                self.submit(key, "slow", {"seconds": 1})
+                self._agent(key, out, "slow", {"seconds": 1})
                 time.sleep(random.uniform(0.0, 1.0))
                 self.redis.flushall()
                 self._fault(out)
             elif point == "pg_terminate_backends":
-                self.submit(key, "slow", {"seconds": 1.5})
+                self._agent(key, out, "slow", {"seconds": 1.5})
                 for _ in range(3):
                     time.sleep(random.uniform(0.1, 0.6))
                     self._terminate_backends()
                     self._fault(out)
             elif point == "pg_restart":
-                self.submit(key, "slow", {"seconds": 1.5})
+                self._agent(key, out, "slow", {"seconds": 1.5})
                 time.sleep(random.uniform(0.1, 1.0))
                 restart_postgres()
                 self._fault(out)
             elif point == "moto_restart":
-                self.submit(key)
+                self._agent(key, out)
                 time.sleep(random.uniform(0.0, 0.3))
                 self.moto.restart()
                 self._recreate_aws()
@@ -496,11 +523,42 @@ class Chaos:
         except Exception as exc:  # the agent gave up: fine, as long as the money is right
             out.notes.append(f"agent: {type(exc).__name__}: {exc}")
 
+    def _agent(self, key: str, out: Outcome, pack: str = "decision", inputs: dict | None = None):
+        """Submit as the agent; a failed submission is noted, and the fault still happens."""
+        try:
+            return self.submit(key, pack, inputs)
+        except Exception as exc:
+            out.notes.append(f"agent: {type(exc).__name__}: {exc}")
+            return None
+
+    def _pack_started(self, key: str, out: Outcome) -> None:
+        """Until a pack of this tenant runs (mid-pack is where the fault should land).
+
+        A neighbour's fault may end the run before it starts (its worker killed or
+        frozen): submit again. After 60 s the fault lands anyway, wherever it lands.
+        """
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            run = self._agent(key, out, "slow", {"seconds": 2})
+            while run is not None and time.monotonic() < deadline:
+                if self._progress(run.run_id) > 0:
+                    return
+                if self._in_flight_run(run.run_id) is False:
+                    break  # it ended without starting: another one
+                time.sleep(0.1)
+        out.notes.append("no pack of the trial started within 60 s; the fault landed anyway")
+
     def _kill_worker_mid_pack(self, key: str, out: Outcome) -> None:
-        run = self.submit(key, "slow", {"seconds": 2})
-        wait(lambda: self._progress(run.run_id) > 0, 60, "the pack to start")  # behind the load's backlog
+        self._pack_started(key, out)
         self.platform.kill("worker")
         self._fault(out)
+
+    def _in_flight_run(self, run_id: str) -> bool:
+        from sqlalchemy import text
+
+        with self.deps.db.transaction() as s:
+            return s.execute(text("SELECT status IN ('QUEUED', 'PROCESSING') FROM runs WHERE id = :id"),
+                             {"id": run_id}).scalar() is not False
 
     def _terminate_backends(self) -> None:
         from sqlalchemy import text
@@ -758,6 +816,11 @@ def main(argv: list | None = None) -> int:
         # Every tenant is judged, so the database starts empty: no tenant of an
         # earlier run (whose Redis is gone with that run) may be judged here.
         devstack._pg_ensure_database(stack.env["DATABASE_URL"], fresh=True)
+        # devstack's private cluster trades durability for speed (synchronous_commit off);
+        # pg_restart crashes it, and a commit acknowledged to the agent must survive
+        # that, as it does on any production PostgreSQL. fsync may stay off: the OS
+        # keeps what was written across a process crash.
+        devstack._pg_query(stack.env["DATABASE_URL"], "ALTER DATABASE dpp_chaos SET synchronous_commit = on")
         queue_url = make_queue(queue, stack.env["AWS_REGION"], moto.url)
         make_queue(f"{queue}-sweeps", stack.env["AWS_REGION"], moto.url)
         env = stack.child_env(
