@@ -185,7 +185,7 @@ def restart_postgres() -> None:
 class OwnMoto:
     def __init__(self, home: Path):
         self.home, self.port, self.proc = home, devstack.free_port(), None
-        self.restarting = threading.Lock()
+        self.restarting = threading.Lock()  # held across a restart and the queues' re-creation
 
     @property
     def url(self) -> str:
@@ -198,10 +198,10 @@ class OwnMoto:
         wait(lambda: devstack.http_answers(self.url, timeout=1), 30, "moto to answer")
 
     def restart(self) -> None:
-        with self.restarting:  # one restart at a time: parallel trials share this moto
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-            self.start()
+        """SIGKILL and start again; the caller holds `restarting` until it re-created the queues."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.start()
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -440,11 +440,14 @@ class Chaos:
     def _watch_tokens(armed: list, out: Outcome, stop: threading.Event) -> None:
         """Stamp the moment a process took each armed token: that is when its fault fired."""
         seen: set = set()
-        while not stop.wait(0.05):
+        while True:
+            stopping = stop.wait(0.05)
             for token in list(armed):
                 if token not in seen and not os.path.exists(token):
                     seen.add(token)
                     out.fault_times.append(time.monotonic())
+            if stopping:  # one last look: a token taken just before the stop counts
+                return
 
     @staticmethod
     def _fault(out: Outcome) -> None:
@@ -503,8 +506,9 @@ class Chaos:
             elif point == "moto_restart":
                 self._agent(key, out)
                 time.sleep(random.uniform(0.0, 0.3))
-                self.moto.restart()
-                self._recreate_aws()
+                with self.moto.restarting:  # restarted and its queues back before another trial's restart
+                    self.moto.restart()
+                    self._recreate_aws()
                 self._fault(out)
             elif point == "message_redelivery":
                 run = self.submit(key)
