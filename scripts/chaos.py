@@ -566,10 +566,18 @@ class Chaos:
 
     def _terminate_backends(self) -> None:
         from sqlalchemy import text
+        from sqlalchemy.exc import OperationalError
 
-        with self.deps.db.transaction() as s:
-            s.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                           "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+        for attempt in range(5):  # a parallel trial may terminate this very connection first
+            try:
+                with self.deps.db.transaction() as s:
+                    s.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+                return
+            except OperationalError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.1)
 
     def _recreate_aws(self) -> None:
         devstack.ensure_bucket(self.settings.s3_result_bucket, self.settings.aws_region, self.moto.url)
