@@ -339,10 +339,13 @@ class Load:
                 t.start()
                 self._threads.append(t)
 
-    def stop(self) -> None:
+    def stop(self, within: float = 15.0) -> None:
+        """Stop the agents; wait for them `within` seconds in all (they are daemons: a
+        SIGTERM's clean-up must not wait a minute per agent stuck in a retry)."""
         self._stop.set()
+        deadline = time.monotonic() + within
         for t in self._threads:
-            t.join(60)
+            t.join(max(0.0, deadline - time.monotonic()))
         self._threads = []
 
     def _agent(self, key: str, n: int) -> None:
