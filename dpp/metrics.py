@@ -40,6 +40,8 @@ MONEY_RELEASED = Counter("dpp_money_released_usd_micros_total", "Money released 
 AUDIT_REQUIRED = Counter("dpp_audit_required_total", "Runs or tenants marked AUDIT_REQUIRED / found drifting", ["reason"])
 MIRRORS_RESTORED = Counter("dpp_budget_mirrors_restored_total",
                            "Tenants' Redis budget mirrors rebuilt from the ledger", ["cause"])
+for _cause in ("redis_data_lost", "missing"):  # both series exist, at 0, before the first restore
+    MIRRORS_RESTORED.labels(_cause)
 REDIS_DATA_LOSSES = Counter("dpp_redis_data_losses_total", "Times the mirror sentinel was found missing")
 HOLDS_REPAIRED = Counter("dpp_budget_holds_repaired_total",
                          "Redis holds given back by the orphan sweep", ["kind"])

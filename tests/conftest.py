@@ -132,6 +132,10 @@ def assert_invariants(deps, tenant_ids=None, check_redis=True):
     """
     from dpp.services.audit import audit
 
+    # From the last checkpoint (what the sweep does), then from the first transfer:
+    # a checkpoint that hid something would make the two disagree.
     report = audit(deps, tenant_ids, check_redis=check_redis, quiescent=True)
     assert report.ok, "money invariants violated:\n" + "\n".join(report.violations)
-    return report
+    full = audit(deps, tenant_ids, check_redis=check_redis, quiescent=True, full=True)
+    assert full.ok, "money invariants violated (full audit):\n" + "\n".join(full.violations)
+    return full

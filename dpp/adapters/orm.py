@@ -106,6 +106,25 @@ class TenantBalance(Base):
     )
 
 
+class LedgerCheckpoint(Base):
+    """The sums of a tenant's transfers up to `transfer_id`, as an audit found them sound.
+
+    The next audit adds only the transfers after it (SPEC §2: its cost follows
+    the traffic since, not the history). A tenant's transfer ids commit in
+    order (`ledger.post`), so a snapshot that sees one id sees all smaller ones.
+    """
+
+    __tablename__ = "ledger_checkpoints"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    transfer_id: Mapped[int] = mapped_column(BigInteger)
+    funding_micros: Mapped[int] = mapped_column(BigInteger)
+    available_micros: Mapped[int] = mapped_column(BigInteger)
+    held_micros: Mapped[int] = mapped_column(BigInteger)
+    spent_micros: Mapped[int] = mapped_column(BigInteger)
+    checked_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+
+
 ACTIVE = "status IN ('QUEUED', 'PROCESSING')"
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from dpp.adapters import orm
@@ -57,18 +58,9 @@ def post(
     an impossible transfer fail the whole transaction, and the unique index on
     (tenant, kind, reference) a second transfer for an operator's reference.
     """
-    session.add(
-        orm.LedgerTransfer(
-            tenant_id=tenant_id,
-            run_id=uuid.UUID(t.run_id) if t.run_id else None,
-            kind=t.kind.value,
-            debit_account=t.debit.value,
-            credit_account=t.credit.value,
-            amount_micros=t.amount_micros,
-            memo=memo,
-            reference=reference,
-        )
-    )
+    # The balance row first: its row lock orders this tenant's posters, so the
+    # transfer id taken after it commits in id order (the audit's checkpoint
+    # relies on it: a snapshot that sees one id of a tenant sees every smaller one).
     debit, credit = _BALANCE_COLUMNS[t.debit], _BALANCE_COLUMNS[t.credit]
     table = orm.TenantBalance.__table__
     session.execute(
@@ -80,6 +72,18 @@ def post(
                 credit: table.c[credit] + t.amount_micros,
                 "updated_at": func.now(),
             }
+        )
+    )
+    session.add(
+        orm.LedgerTransfer(
+            tenant_id=tenant_id,
+            run_id=uuid.UUID(t.run_id) if t.run_id else None,
+            kind=t.kind.value,
+            debit_account=t.debit.value,
+            credit_account=t.credit.value,
+            amount_micros=t.amount_micros,
+            memo=memo,
+            reference=reference,
         )
     )
     session.flush()
@@ -121,19 +125,56 @@ def available(deps, tenant_id: str) -> int:
         return balances(session, tenant_id).available
 
 
-def balances_from_transfers(session: Session, tenant_id: str) -> Balances:
-    """Recompute the balances from the transfers alone (the audit's second opinion)."""
-    result = Balances()
+@dataclass(frozen=True)
+class Checkpoint:
+    """The sums of a tenant's transfers up to and including `transfer_id`."""
+
+    transfer_id: int = 0
+    balances: Balances = Balances()
+
+
+def checkpoint(session: Session, tenant_id: str) -> Checkpoint:
+    """The last checkpoint an audit saved for the tenant, or the empty one."""
+    row = session.get(orm.LedgerCheckpoint, tenant_id)
+    if row is None:
+        return Checkpoint()
+    return Checkpoint(row.transfer_id, Balances(funding=row.funding_micros, available=row.available_micros,
+                                                held=row.held_micros, spent=row.spent_micros))
+
+
+def balances_from_transfers(session: Session, tenant_id: str, since: Checkpoint = Checkpoint()) -> Checkpoint:
+    """Recompute the balances from the transfers alone (the audit's second opinion):
+    `since` plus the transfers after it, up to the last one this snapshot sees."""
+    result, last = since.balances, since.transfer_id
     rows = session.execute(
-        select(orm.LedgerTransfer.debit_account, orm.LedgerTransfer.credit_account, func.sum(orm.LedgerTransfer.amount_micros))
-        .where(orm.LedgerTransfer.tenant_id == tenant_id)
+        select(orm.LedgerTransfer.debit_account, orm.LedgerTransfer.credit_account,
+               func.sum(orm.LedgerTransfer.amount_micros), func.max(orm.LedgerTransfer.id))
+        .where(orm.LedgerTransfer.tenant_id == tenant_id, orm.LedgerTransfer.id > since.transfer_id)
         .group_by(orm.LedgerTransfer.debit_account, orm.LedgerTransfer.credit_account)
     )
-    for debit, credit, amount in rows:
+    for debit, credit, amount, last_id in rows:
         result = result.apply(
             Transfer(TransferKind.ADJUST, Account(debit), Account(credit), int(amount))
         )
-    return result
+        last = max(last, last_id)
+    return Checkpoint(last, result)
+
+
+def save_checkpoint(deps, tenant_id: str, found: Checkpoint, *, replace: bool = False) -> None:
+    """Keep what an audit found sound. A checkpoint only moves forward, unless a
+    full audit (`replace`) recomputed it from the first transfer."""
+    b = found.balances
+    values = dict(tenant_id=tenant_id, transfer_id=found.transfer_id, funding_micros=b.funding,
+                  available_micros=b.available, held_micros=b.held, spent_micros=b.spent)
+    stmt = insert(orm.LedgerCheckpoint).values(values)
+    table = orm.LedgerCheckpoint.__table__
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.c.tenant_id],
+        set_={**{k: stmt.excluded[k] for k in values if k != "tenant_id"}, "checked_at": func.now()},
+        where=None if replace else table.c.transfer_id < stmt.excluded.transfer_id,
+    )
+    with deps.db.transaction() as session:
+        session.execute(stmt)
 
 
 # --- top-up and adjustment (the operator's money) -----------------------------

@@ -645,6 +645,8 @@ class MoneyModel(RuleBasedStateMachine):
         report = audit(self.deps, check_redis=False)
         assert report.ok, "money invariants violated:\n" + "\n".join(report.violations)
         assert report.tenants_checked == len(self.t)
+        full = audit(self.deps, check_redis=False, full=True)
+        assert full.ok, "money invariants violated (full audit):\n" + "\n".join(full.violations)
 
     @invariant()
     def runs_match_the_model(self):
