@@ -12,6 +12,9 @@ services, so the machine's speed divides out:
   e2e_p50_ratio            submission → COMPLETED p50 ÷ a bare Celery task's round trip + one S3 put
   worker_throughput_ratio  runs/s of one worker process ÷ bare tasks/s on the same broker
   sweep_scaling_ratio      sweep time with 1,000,000 terminal runs ÷ with 10,000 (1,000 active in both)
+  audit_scaling_ratio      one tenant's audit from its checkpoint with 1,000,000 transfers of history
+                           ÷ with 10,000 (the same 900 transfers since, 200 runs in flight, in both)
+  audit_rss_ratio          the peak RSS of a process doing that audit, same two sizes
   budget_ops_ratio         reserve+settle pairs/s through our scripts ÷ redis-benchmark EVALSHA of a trivial script
 
 moto stands in for SQS/S3 and is slow (about 10 ms a SendMessage, slower as a queue
@@ -52,6 +55,8 @@ GOALS = {  # name: (goal, "ge" or "le")
     "e2e_p50_ratio": (2.0, "le"),
     "worker_throughput_ratio": (0.5, "ge"),
     "sweep_scaling_ratio": (1.5, "le"),
+    "audit_scaling_ratio": (1.5, "le"),
+    "audit_rss_ratio": (1.5, "le"),
     "budget_ops_ratio": (0.3, "ge"),
 }
 # What the previous implementation of this product reported (issue #9), for comparison.
@@ -69,6 +74,10 @@ SIZES = {
     "sweep_small": 10_000,
     "sweep_large": 100_000 if QUICK else 1_000_000,
     "sweep_active": 1_000,
+    "audit_small": 10_000,  # transfers of settled history
+    "audit_large": 100_000 if QUICK else 1_000_000,
+    "audit_active": 200,  # runs in flight: read by every audit
+    "audit_since": 300,  # runs settled since the checkpoint: 900 transfers
     "budget_seconds": 5 if QUICK else 15,
 }
 DECISION = {"question": "Which database?", "options": ["Postgres", "MySQL"],
@@ -508,6 +517,106 @@ class Bench:
         # small case runs first and would otherwise pay for both).
         return statistics.median(timings[warm:])
 
+    def audit_scaling(self) -> None:
+        """One tenant's audit (what the audit sweep does every 300 s), from its
+        checkpoint, with 10,000 and then 1,000,000 transfers of settled history; the
+        same work since the checkpoint in both. Time and RSS must follow that work."""
+        from dpp.services import ledger, tenants
+        from dpp.services.audit import audit
+
+        tenant = f"audit-{uuid.uuid4().hex[:6]}"
+        tenants.create_tenant(self.deps, tenant, "bench")
+        ledger.topup(self.deps, tenant, 10_000_000_000_000)
+        self._insert_history(tenant, SIZES["audit_active"], settled=False)
+        for size in ("small", "large"):
+            target = SIZES[f"audit_{size}"]
+            self._insert_history(tenant, (target - self._transfers(tenant)) // 3, settled=True)
+            t0 = time.perf_counter()
+            first = audit(self.deps, [tenant])  # what the sweep does first after a bulk of history
+            assert first.ok, first.violations[:5]
+            self.details[f"audit_first_ms_{size}"] = round((time.perf_counter() - t0) * 1000, 1)
+            self._insert_history(tenant, SIZES["audit_since"], settled=True)
+            ms, rss_kib = self._time_audit(tenant)
+            self.details[f"audit_ms_{size}"] = round(ms, 2)
+            self.details[f"audit_peak_rss_mib_{size}"] = round(rss_kib / 1024, 1)
+        self.details["audit_transfers"] = [SIZES["audit_small"], SIZES["audit_large"]]
+        self.results["audit_scaling_ratio"] = self.details["audit_ms_large"] / self.details["audit_ms_small"]
+        self.results["audit_rss_ratio"] = (self.details["audit_peak_rss_mib_large"]
+                                           / self.details["audit_peak_rss_mib_small"])
+
+    def _transfers(self, tenant: str) -> int:
+        from sqlalchemy import text
+
+        with self.deps.db.transaction() as s:
+            return s.execute(text("SELECT count(*) FROM ledger_transfers WHERE tenant_id = :t"), {"t": tenant}).scalar()
+
+    def _insert_history(self, tenant: str, runs: int, settled: bool) -> None:
+        """`runs` runs with their transfers and balance effect, by SQL (a million in
+        seconds): settled ones cost 5,800 of 500,000 held; others hold 500,000."""
+        from sqlalchemy import text
+
+        from dpp.services import ledger
+
+        batch = uuid.uuid4().hex[:12]
+        kinds = ("('RESERVE', 'available', 'held', 500000), ('CHARGE', 'held', 'spent', 5800), "
+                 "('RELEASE', 'held', 'available', 494200)") if settled else "('RESERVE', 'available', 'held', 500000)"
+        with self.deps.db.transaction() as s:
+            s.execute(text(f"""
+                INSERT INTO runs (id, tenant_id, pack_type, pack_version, inputs, payload_hash, status,
+                                  finalize_stage, money_state, reserved_micros, minimum_fee_micros,
+                                  actual_cost_micros, lease_expires_at, trace_id, created_at, finished_at)
+                SELECT gen_random_uuid(), :tenant, 'decision', :batch, '{{}}'::jsonb, 'x',
+                       {"'COMPLETED', 'COMMITTED', 'SETTLED'" if settled else "'PROCESSING', 'NONE', 'RESERVED'"},
+                       500000, 5000, {"5800, NULL" if settled else "NULL, now() + interval '1 hour'"}, md5(g::text),
+                       now() - (g || ' seconds')::interval, {"now()" if settled else "NULL"}
+                FROM generate_series(1, :n) AS g"""), {"tenant": tenant, "batch": batch, "n": runs})
+            s.execute(text(f"""
+                INSERT INTO ledger_transfers (tenant_id, run_id, kind, debit_account, credit_account, amount_micros)
+                SELECT :tenant, r.id, k.kind, k.debit, k.credit, k.amount
+                FROM runs r CROSS JOIN (VALUES {kinds}) AS k(kind, debit, credit, amount)
+                WHERE r.tenant_id = :tenant AND r.pack_version = :batch"""), {"tenant": tenant, "batch": batch})
+            moved = (runs * 5800, 0, runs * 5800) if settled else (runs * 500000, runs * 500000, 0)
+            s.execute(text("""UPDATE tenant_balances SET available_micros = available_micros - :a,
+                              held_micros = held_micros + :h, spent_micros = spent_micros + :s
+                              WHERE tenant_id = :tenant"""),
+                      {"a": moved[0], "h": moved[1], "s": moved[2], "tenant": tenant})
+        with self.deps.db.engine.connect() as conn:  # the steady state, as in _insert_runs
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.execute(text("VACUUM ANALYZE runs, ledger_transfers"))
+            conn.execute(text("CHECKPOINT"))
+        ledger.rebuild(self.deps, tenant)  # the Redis mirror of what SQL just wrote
+
+    def _time_audit(self, tenant: str, repeats: int = 9, warm: int = 3) -> tuple[float, int]:
+        """Median ms of the audit in a process of its own, each time from the same
+        checkpoint (put back before each), and that process's peak RSS."""
+        script = f"""
+import re, statistics, sys, time
+def hwm():  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+from sqlalchemy import text
+from dpp.bootstrap import Deps
+from dpp.config import Settings
+from dpp.services.audit import audit
+deps = Deps(Settings.from_env())
+with deps.db.transaction() as s:
+    saved = dict(s.execute(text("SELECT * FROM ledger_checkpoints WHERE tenant_id = :t"), {{"t": {tenant!r}}}).mappings().one())
+times = []
+for _ in range({repeats}):
+    with deps.db.transaction() as s:
+        s.execute(text("UPDATE ledger_checkpoints SET transfer_id = :transfer_id, funding_micros = :funding_micros, "
+                       "available_micros = :available_micros, held_micros = :held_micros, spent_micros = :spent_micros "
+                       "WHERE tenant_id = :tenant_id"), saved)
+    t0 = time.perf_counter()
+    report = audit(deps, [{tenant!r}])
+    times.append((time.perf_counter() - t0) * 1000)
+    assert report.ok and not report.pending, report.violations[:5] + report.pending[:5]
+print(statistics.median(times[{warm}:]), hwm())
+"""
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=self.env,
+                             timeout=600, check=True)
+        ms, rss = out.stdout.split()
+        return float(ms), int(rss)
+
     def budget_ops(self) -> None:
         """reserve+settle pairs/s from 4 client processes ÷ redis-benchmark's EVALSHA of
         `return 1` with 4 clients, both without pipelining (one call per round trip)."""
@@ -625,6 +734,7 @@ def main() -> int:
              ("one worker: runs/s vs bare tasks/s", bench.worker_throughput),
              ("process RSS", bench.rss),
              ("sweep time vs terminal runs", bench.sweep_scaling),
+             ("audit time and RSS vs transfers of history", bench.audit_scaling),
              ("reserve+settle vs redis-benchmark EVALSHA", bench.budget_ops)]
     progress = Progress(len(steps) + 1)
     started = time.time()
