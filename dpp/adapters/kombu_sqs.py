@@ -43,6 +43,8 @@ import re
 import time
 
 from botocore.exceptions import ClientError
+from kombu.asynchronous import get_event_loop, set_event_loop
+from kombu.asynchronous.http.curl import CurlClient
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport.SQS import Channel as SQSChannel
 from kombu.transport.SQS import Transport as SQSTransport
@@ -256,6 +258,44 @@ class Transport(SQSTransport):
         super().__init__(client, **kwargs)
         self._topic_arns: dict[str, str] = {}  # exchange -> SNS topic ARN, for all channels
         self._touched: dict[str, float] = {}    # temporary queue URL -> when last tagged (monotonic)
+
+    # -- kombu#2404 with Celery's reconnect: a worker that never polls again --------------
+
+    def register_with_event_loop(self, connection, loop):
+        # On a connection error Celery's asynloop calls `hub.reset()` and reconnects
+        # with the same hub. Since kombu#2404 `reset()` also does what `close()`
+        # does to the global event loop: `set_event_loop(None)`. Every SQS channel
+        # takes its hub from `get_event_loop()` when it is created, so the
+        # reconnected channels have none: `basic_consume` schedules no poll, and
+        # the worker stays up, "Connected", consuming nothing, for good (found by
+        # the chaos runner restarting moto; celery#6209, #3877 report the same
+        # silence). Celery hands its hub to the transport here, after connecting
+        # and before anything consumes: make it the event loop again, for these
+        # channels and the ones opened after (pidbox, events).
+        if get_event_loop() is None:
+            set_event_loop(loop)
+        for channel in (*self._avail_channels, *self.channels):
+            channel.hub = loop
+        _cancel_closed_curl_timers(loop)
+        super().register_with_event_loop(connection, loop)
+
+
+def _cancel_closed_curl_timers(loop) -> None:
+    """Cancel the timeout checks a closed curl client left on the hub's timer.
+
+    `CurlClient.close()` cancels its repeating check but not the one-shot ones
+    `_set_timeout` scheduled. Each fires after the reset that closed the client
+    and calls `info_read` on the closed multi handle ("Error in timer: cannot
+    invoke info_read() - no multi handle"); worse, it first removes the closed
+    client's file descriptors from the hub and adds them back with its own
+    callbacks, and the new client may already be using those numbers.
+    """
+    for scheduled in loop.timer.queue:
+        fun = scheduled.entry.fun
+        client = getattr(fun, "__self__", None)
+        if (isinstance(client, CurlClient) and client._closed
+                and getattr(fun, "__func__", None) is CurlClient._timeout_check):
+            loop.timer.cancel(scheduled.entry)
 
 
 def sweep_temporary_queues(channel: Channel, exchanges, namespace: str, now: float | None = None) -> dict:
