@@ -89,6 +89,11 @@ class PrivateMoto:
                 raise RuntimeError(f"private moto_server on {self.port} did not come up")
         return self
 
+    def kill(self) -> None:
+        """SIGKILL by PID, as the chaos runner restarts moto: no goodbye to open connections."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
     def freeze(self) -> None:
         """SIGSTOP: the port still accepts connections (kernel backlog), nothing answers."""
         os.kill(self.proc.pid, signal.SIGSTOP)
