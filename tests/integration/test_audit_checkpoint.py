@@ -47,6 +47,14 @@ def settle_all(deps, run_ids) -> None:
         finalize.fail_unstarted(deps, run_id, ErrorCode.QUEUE_TIMEOUT, "settled by the test")
 
 
+def audited_tenant(deps, runs: int) -> tuple[str, ledger.Checkpoint]:
+    """A tenant with `runs` settled runs, audited once: (tenant_id, its checkpoint)."""
+    tenant_id, key = make_tenant(deps)
+    settle_all(deps, [submit(deps, key) for _ in range(runs)])
+    assert audit(deps, [tenant_id]).ok
+    return tenant_id, saved(deps, tenant_id)
+
+
 def test_a_sound_audit_saves_a_checkpoint_and_the_next_checks_only_what_moved(clean):
     deps = clean
     tenant_id, key = make_tenant(deps)
@@ -77,10 +85,7 @@ def test_a_sound_audit_saves_a_checkpoint_and_the_next_checks_only_what_moved(cl
 
 def test_drift_after_the_checkpoint_is_reported_and_the_checkpoint_stays(clean):
     deps = clean
-    tenant_id, key = make_tenant(deps)
-    settle_all(deps, [submit(deps, key) for _ in range(3)])
-    assert audit(deps, [tenant_id]).ok
-    before = saved(deps, tenant_id)
+    tenant_id, before = audited_tenant(deps, runs=3)
 
     # A transfer written around ledger.post (no balance effect): drift after the checkpoint.
     with deps.db.transaction() as session:
@@ -95,10 +100,7 @@ def test_drift_after_the_checkpoint_is_reported_and_the_checkpoint_stays(clean):
 
 def test_a_wrong_checkpoint_is_doubted_before_anything_is_called_drift(clean):
     deps = clean
-    tenant_id, key = make_tenant(deps)
-    settle_all(deps, [submit(deps, key) for _ in range(3)])
-    assert audit(deps, [tenant_id]).ok
-    good = saved(deps, tenant_id)
+    tenant_id, good = audited_tenant(deps, runs=3)
 
     # A checkpoint that missed a transfer (what an out-of-order commit would leave).
     with deps.db.transaction() as session:
