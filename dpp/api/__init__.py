@@ -7,6 +7,7 @@ from flask_smorest import Api
 
 from dpp import __version__, telemetry
 from dpp.api import account, context, errors, health, packs, runs
+from dpp.api.body import StrictJSONProvider, StrictRequest
 from dpp.api.openapi import document_errors
 from dpp.config import get_settings
 from dpp.logs import configure_logging
@@ -17,6 +18,8 @@ def create_app(overrides: dict | None = None) -> Flask:
     settings.check_production()
     configure_logging(settings)
     app = Flask(__name__)
+    app.json = StrictJSONProvider(app)  # NaN, Infinity and deep nesting: 400 at the parse
+    app.request_class = StrictRequest   # ... saying why
     app.config.update(
         API_TITLE="Decisionproof API",
         API_VERSION=__version__,

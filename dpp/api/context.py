@@ -45,6 +45,11 @@ def end_request(response):
 
 def require_principal() -> None:
     """Authenticate the request; the tenant is then `g.principal`."""
+    if request.method == "OPTIONS":
+        # A CORS preflight carries no credentials by design (Fetch standard): it is
+        # answered by flask-cors from the allowlist, never authenticated, and it
+        # reaches no view.
+        return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

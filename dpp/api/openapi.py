@@ -159,9 +159,10 @@ IDEMPOTENCY_KEY = {
     "in": "header",
     "name": "Idempotency-Key",
     "required": True,
-    "description": "1-255 printable ASCII characters, no spaces. The same key with the same payload "
-                   "replays the original answer; with another payload it is a 409.",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+    "description": "1-255 printable ASCII characters, spaces included (not at either end: HTTP trims a "
+                   "header value). The same key with the same payload replays the original answer, before "
+                   "any limit or budget check; with another payload it is a 409.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]([ -~]*[!-~])?$"},
 }
 
 RUN_EXAMPLE = {

@@ -14,8 +14,9 @@ from dpp.domain.errors import InvalidMoney
 MICROS_PER_USD = 1_000_000
 
 # Plain decimal: digits, optional point with 1–6 digits. No sign, exponent,
-# whitespace, NaN/Infinity or leading "+" — each of those is a 422.
-_MONEY_RE = re.compile(r"^(0|[1-9][0-9]{0,11})(?:\.([0-9]{1,6}))?$")
+# whitespace, NaN/Infinity or leading "+" — each of those is a 422. Matched
+# whole (fullmatch): "$" alone also matches before a trailing newline.
+_MONEY_RE = re.compile(r"(0|[1-9][0-9]{0,11})(?:\.([0-9]{1,6}))?")
 
 
 def parse_usd(text: object) -> int:
@@ -23,7 +24,7 @@ def parse_usd(text: object) -> int:
     if not isinstance(text, str):
         # JSON numbers arrive as int/float: refused so that no float ever carries money.
         raise InvalidMoney("must be a decimal string such as \"5.00\", not a JSON number")
-    match = _MONEY_RE.match(text)
+    match = _MONEY_RE.fullmatch(text)
     if match is None:
         raise InvalidMoney(
             "must be a non-negative decimal string with at most 6 fractional digits, e.g. \"5.00\""

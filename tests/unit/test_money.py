@@ -14,7 +14,8 @@ def test_parses_plain_decimal_strings_exactly(text, micros):
 
 @pytest.mark.parametrize(
     "bad",
-    ["-1.00", "1e3", "NaN", "nan", "Infinity", "1.0000001", "", " 1.00", "1.00 ", "+1", "01.5", "1.", ".5", "1,00", "0x10"],
+    ["-1.00", "1e3", "NaN", "nan", "Infinity", "1.0000001", "", " 1.00", "1.00 ", "+1", "01.5", "1.", ".5", "1,00", "0x10",
+     "1.00\n", "1\n", "0.50\r\n", "\n1.00", "1.00\x00", "１.00"],  # issue 14: "$" matched before a newline
 )
 def test_rejects_everything_else(bad):
     with pytest.raises(InvalidMoney):
