@@ -9,12 +9,12 @@ from dpp.api import schemas
 from dpp.api.context import require_principal
 from dpp.bootstrap import deps
 from dpp.domain.errors import RunNotFound
-from dpp.services import limits, runs_query
+from dpp.services import runs_query
 from dpp.services.submit import Submission, submit_run
 
 blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Paid runs of packs")
 
-_KEY_CHARS = set(chr(c) for c in range(0x21, 0x7F))
+_KEY_CHARS = set(chr(c) for c in range(0x20, 0x7F))  # printable ASCII, space included (SPEC §4)
 
 
 def _idempotency_key() -> str:
@@ -22,24 +22,21 @@ def _idempotency_key() -> str:
     if key is None:
         abort(400, message="The Idempotency-Key header is required.")
     if not (1 <= len(key) <= 255) or not set(key) <= _KEY_CHARS:
-        abort(400, message="Idempotency-Key must be 1-255 printable ASCII characters without spaces.")
+        abort(400, message="Idempotency-Key must be 1-255 printable ASCII characters (space included).")
     return key
 
 
 @blp.before_request
 def _before():
-    # Order of refusals: who you are (401/403), how often (429), headers (400),
-    # media type (415), then the body (422) — cheapest and most telling first.
+    # Order of refusals: who you are (401/403), headers (400), media type (415),
+    # the body (400/422); then the service: a replay answers as its first
+    # request did, before the rate (429), plan, concurrency and money checks.
     require_principal()
     if request.method == "POST":
-        g.rate_headers = limits.check_submit_rate(deps(), g.principal)
         g.idempotency_key = _idempotency_key()
         if not request.is_json:
             abort(415, message="POST /v1/runs takes application/json.")
-        try:
-            request.get_json()  # parsed once here, cached for the view
-        except RecursionError:
-            abort(400, message="The JSON body is nested too deeply.")
+        request.get_json()  # parsed once here (dpp.api.body: 400 on NaN or deep nesting), cached for the view
 
 
 @blp.after_request
@@ -81,6 +78,7 @@ class Runs(MethodView):
             max_cost_text=request.get_json()["max_cost_usd"],
         )
         done = submit_run(deps(), g.principal, g.idempotency_key, sub, g.trace_id)
+        g.rate_headers = done.rate_headers
         view = runs_query.view(deps(), done.run)
         created = runs_query.created_body(done.run)
         headers = {"Location": url_for("runs.Run", run_id=created["run_id"]), **_cost_headers(view)}

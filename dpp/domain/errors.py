@@ -116,8 +116,14 @@ class ResultNotReady(DppError):
 
 
 class RateLimited(DppError):
-    def __init__(self, detail: str, retry_after_sec: int, headers: dict[str, str] | None = None):
+    """429. `limit` names which: "rate" (submissions per minute) or "concurrency"
+    (runs in flight); each has its own problem type, so an agent can tell
+    "slow down" from "wait for a run to finish"."""
+
+    def __init__(self, detail: str, retry_after_sec: int, headers: dict[str, str] | None = None,
+                 limit: str = "rate"):
         super().__init__(detail)
         self.detail = detail
         self.retry_after_sec = retry_after_sec
         self.headers = headers or {}
+        self.limit = limit

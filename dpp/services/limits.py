@@ -52,4 +52,5 @@ def check_concurrency(session: Session, who: Principal) -> None:
         raise RateLimited(
             f"Plan {who.plan_id!r} allows {who.max_concurrent_runs} runs in flight; wait for one to finish.",
             retry_after_sec=CONCURRENCY_RETRY_AFTER_SEC,
+            limit="concurrency",
         )

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dpp import metrics
 from dpp.adapters import orm
-from dpp.adapters.repository import RunRepository
+from dpp.adapters.repository import RunRepository, fence_tenant
 from dpp.domain.canonical import sha256_hex
 from dpp.domain.errors import (
     DependencyUnavailable, Forbidden, IdempotencyMismatch, InsufficientBudget, PlanViolation,
@@ -47,6 +47,7 @@ class Submission:
 class Submitted:
     run: orm.Run
     replayed: bool
+    rate_headers: dict[str, str] | None = None  # the IETF RateLimit headers, when this one was counted
 
 
 def payload_hash(sub: Submission) -> str:
@@ -54,6 +55,9 @@ def payload_hash(sub: Submission) -> str:
 
 
 def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission, trace_id: str) -> Submitted:
+    """Idempotency decides first: a replay of a key whose first request finished, or
+    is in flight, answers as that request did, and is never counted, limited,
+    refused for money or held a second time (issue 14)."""
     digest = payload_hash(sub)
     run_id = str(uuid.uuid4())
     held = False
@@ -65,9 +69,17 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             if earlier is not None:
                 return Submitted(earlier, replayed=True)
             pack, inputs = _admit(deps, principal, sub)
-            # The tenant's fence first (check_concurrency takes it): from here to
-            # the commit no rebuild of the tenant's Redis mirror can run, so none
-            # can read a ledger that misses the hold made below.
+            # The tenant's fence: it serialises the tenant's submissions to their
+            # commit. A first request with this key that was in flight has
+            # committed by the time it is ours, so look again before counting,
+            # limiting or holding anything. And from here to the commit no
+            # rebuild of the tenant's Redis mirror can run, so none can read a
+            # ledger that misses the hold made below.
+            fence_tenant(session, principal.tenant_id)
+            earlier = _earlier_in(session, principal.tenant_id, idempotency_key, digest)
+            if earlier is not None:
+                return Submitted(earlier, replayed=True)
+            rate_headers = limits.check_submit_rate(deps, principal)
             limits.check_concurrency(session, principal)
             ledger.hold(deps, session, principal.tenant_id, run_id, sub.max_cost_micros)
             held = True
@@ -123,7 +135,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
     log.info("run submitted", extra={"run_id": run_id, "tenant_id": principal.tenant_id,
                                      "pack_type": pack.pack_type, "reserved_micros": sub.max_cost_micros})
     # The row as inserted: the answer to a submission is always QUEUED (SPEC §4).
-    return Submitted(run, replayed=False)
+    return Submitted(run, replayed=False, rate_headers=rate_headers)
 
 
 def _admit(deps, principal: Principal, sub: Submission):

@@ -54,6 +54,7 @@ def test_twenty_concurrent_submissions_against_a_limit_of_ten_admit_exactly_ten(
     limited = [r for r in responses if r.status_code == 429]
     for r in limited:
         assert int(r.headers["Retry-After"]) >= 1
+        assert r.json()["type"].endswith("/rate-limited")
         assert r.headers["Content-Type"].startswith("application/problem+json")
         assert r.headers["RateLimit-Policy"] == '"post-runs";q=10;w=60'
         assert r.headers["RateLimit"].startswith('"post-runs";r=0;t=')
@@ -104,6 +105,41 @@ def test_twenty_concurrent_identical_submissions_make_one_run_and_one_reservatio
     assert_invariants(clean)
 
 
+def test_identical_submissions_under_a_tight_budget_all_answer_the_first(platform, clean):
+    """Issue 14: 8 at once with one key and body, $1.50 available, cap $1.00, gave
+    seven 201s and a 402: each duplicate took its own hold before the key decided."""
+    tenant_id, key = make_tenant(clean, topup_micros=1_500_000)
+    body = {"pack_type": "decision", "inputs": DECISION, "max_cost_usd": "1.00"}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(lambda _: post_run(platform["url"], key, idem="tight-key", body=body), range(8)))
+    assert [r.status_code for r in responses] == [201] * 8, [r.text for r in responses if r.status_code != 201]
+    assert len({r.json()["run_id"] for r in responses}) == 1
+    wait_all_terminal(clean, tenant_id)
+    with clean.db.transaction() as s:
+        reserves = s.execute(
+            text("SELECT count(*) FROM ledger_transfers WHERE tenant_id = :t AND kind = 'RESERVE'"), {"t": tenant_id}
+        ).scalar_one()
+    assert reserves == 1
+    assert_invariants(clean, [tenant_id])
+
+
+def test_a_replay_is_answered_even_past_the_rate_limit(platform, clean):
+    """A replay is the first request's answer again: it is not counted, so the
+    plan's submissions per minute cannot turn it into a 429."""
+    make_plan(clean, "test-rate2", rate_limit_per_min=2, max_concurrent_runs=50)
+    tenant_id, key = make_tenant(clean, "test-rate2")
+    away_from_minute_boundary()
+    first = post_run(platform["url"], key, idem="kept")
+    assert first.status_code == 201, first.text
+    assert post_run(platform["url"], key).status_code == 201
+    assert post_run(platform["url"], key).status_code == 429  # the window is full
+    again = post_run(platform["url"], key, idem="kept")
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true", again.text
+    assert again.json() == first.json()
+    wait_all_terminal(clean, tenant_id)
+    assert_invariants(clean, [tenant_id])
+
+
 def test_runs_in_flight_are_capped_by_the_plan(platform, clean):
     make_plan(clean, "test-conc2", max_concurrent_runs=2)
     tenant_id, key = make_tenant(clean, "test-conc2")
@@ -113,6 +149,7 @@ def test_runs_in_flight_are_capped_by_the_plan(platform, clean):
     third = post_run(platform["url"], key, body=slow)
     assert third.status_code == 429 and third.headers["Retry-After"]
     assert "in flight" in third.json()["detail"]
+    assert third.json()["type"].endswith("/concurrency-limited")  # not the per-minute limit's type
     balance = requests.get(f"{platform['url']}/v1/balance", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()
     assert balance["held_usd"] == "0.02"  # the refused third holds nothing
     wait_all_terminal(clean, tenant_id)
@@ -173,13 +210,37 @@ def test_a_revoked_key_is_refused_with_403(platform, clean):
     assert_invariants(clean)
 
 
+def test_a_suspended_tenant_gets_403_on_its_next_request_and_its_runs_still_settle(platform, clean):
+    from dpp.services import tenants
+
+    tenant_id, key = make_tenant(clean)
+    auth = {"Authorization": f"Bearer {key}"}
+    slow = {"pack_type": "slow", "inputs": {"seconds": 1.0}, "max_cost_usd": "0.01"}
+    in_flight = post_run(platform["url"], key, body=slow)
+    assert in_flight.status_code == 201, in_flight.text
+    tenants.set_status(clean, tenant_id, "suspended")
+    for r in (requests.get(f"{platform['url']}/v1/balance", headers=auth, timeout=5), post_run(platform["url"], key)):
+        assert r.status_code == 403 and r.headers["Content-Type"].startswith("application/problem+json")
+        assert r.json()["type"].endswith("/forbidden") and "suspended" in r.json()["detail"], r.text
+    wait_all_terminal(clean, tenant_id)  # the run in flight finishes and settles
+    tenants.set_status(clean, tenant_id, "active")
+    view = requests.get(f"{platform['url']}/v1/runs/{in_flight.json()['run_id']}", headers=auth, timeout=5).json()
+    assert view["status"] == "COMPLETED", view
+    assert_invariants(clean, [tenant_id])
+
+
 def test_cors_answers_only_the_allowlisted_origin_and_never_with_credentials(platform):
     preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,idempotency-key"}
     ok = requests.options(f"{platform['url']}/v1/runs", headers={"Origin": "https://agent.example", **preflight}, timeout=5)
+    assert ok.status_code == 200, ok.text  # issue 14: preflights were authenticated (401)
     assert ok.headers["Access-Control-Allow-Origin"] == "https://agent.example"
+    assert "idempotency-key" in ok.headers["Access-Control-Allow-Headers"].lower()
     assert "Access-Control-Allow-Credentials" not in ok.headers
     evil = requests.options(f"{platform['url']}/v1/runs", headers={"Origin": "https://evil.example", **preflight}, timeout=5)
     assert "Access-Control-Allow-Origin" not in evil.headers
+    balance = requests.options(f"{platform['url']}/v1/balance", headers={"Origin": "https://agent.example",
+                               "Access-Control-Request-Method": "GET"}, timeout=5)
+    assert balance.status_code == 200 and balance.headers["Access-Control-Allow-Origin"] == "https://agent.example"
 
 
 def test_metrics_count_requests_by_route(platform):
@@ -219,4 +280,28 @@ def test_crafted_cursors_and_hostile_json_are_client_errors_not_5xx(platform, te
         assert r.status_code == 422 and "inputs.question" in r.json()["errors"], r.text
     r = requests.post(f"{platform['url']}/v1/runs", data="[" * 100_000, headers=submit, timeout=10)
     assert r.status_code == 400 and r.headers["Content-Type"].startswith("application/problem+json")
+
+    # Issue 14, each a 500 (or a 201) on the main of 2026-12-03:
+    inputs = '{"question": "q", "options": ["a", "b"], "x": %s}'
+    for constant in ("NaN", "Infinity", "-Infinity"):  # not JSON; the payload hash refused them later
+        body = '{"pack_type": "decision", "max_cost_usd": "1.00", "inputs": %s}' % (inputs % constant)
+        r = requests.post(f"{platform['url']}/v1/runs", data=body, headers=submit, timeout=10)
+        assert r.status_code == 400 and constant in r.json()["detail"], (constant, r.status_code, r.text)
+    for depth in (65, 500, 965, 970):  # parsed, then overflowed whatever walked it next
+        nested = "[" * depth + "]" * depth
+        body = '{"pack_type": "decision", "max_cost_usd": "1.00", "inputs": {"question": "q", "x": %s}}' % nested
+        r = requests.post(f"{platform['url']}/v1/runs", data=body, headers=submit, timeout=10)
+        assert r.status_code == 400 and "levels deep" in r.json()["detail"], (depth, r.status_code, r.text)
+    for money in ("1.00\n", "0.50\n"):  # "$" matched before a trailing newline: a 201
+        body = jsonlib.dumps({"pack_type": "decision", "inputs": DECISION, "max_cost_usd": money})
+        r = requests.post(f"{platform['url']}/v1/runs", data=body, headers=submit, timeout=10)
+        assert r.status_code == 422 and "max_cost_usd" in r.json()["errors"], (money, r.text)
+    spaced = requests.post(f"{platform['url']}/v1/runs", headers={**submit, "Idempotency-Key": "order 123"},
+                           data=jsonlib.dumps({"pack_type": "decision", "inputs": DECISION, "max_cost_usd": "0.50"}),
+                           timeout=10)
+    assert spaced.status_code == 201, spaced.text  # SPEC §4: printable ASCII, and a space is printable
+    with clean.db.transaction() as s:
+        assert s.execute(text("SELECT idempotency_key FROM runs WHERE id = :id"),
+                         {"id": spaced.json()["run_id"]}).scalar_one() == "order 123"
+    wait_all_terminal(clean, tenant[0])
     assert_invariants(clean)
