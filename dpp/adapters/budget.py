@@ -12,7 +12,7 @@ from importlib import resources
 
 import redis
 
-from dpp.domain.errors import DependencyUnavailable
+from dpp.adapters.outages import raise_if_outage
 
 RECEIPT_TTL_SEC = 30 * 24 * 3600
 # Absent after any loss of Redis's data; see RedisBudget.mark_mirror. No hash tag:
@@ -109,8 +109,9 @@ class RedisBudget:
     def _call(self, script, keys, args):
         try:
             return script(keys=keys, args=args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise DependencyUnavailable("redis", str(exc)) from exc
+        except redis.RedisError as exc:
+            raise_if_outage(exc)
+            raise
 
     def reserve(self, tenant_id: str, run_id: str, amount_micros: int) -> ReserveOutcome:
         code, balance, amount = self._call(
@@ -160,8 +161,9 @@ class RedisBudget:
     def available(self, tenant_id: str) -> int | None:
         try:
             raw = self.client.get(balance_key(tenant_id))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise DependencyUnavailable("redis", str(exc)) from exc
+        except redis.RedisError as exc:
+            raise_if_outage(exc)
+            raise
         return None if raw is None else int(raw)
 
     def reservation(self, tenant_id: str, run_id: str) -> int | None:
@@ -180,8 +182,9 @@ class RedisBudget:
             for run_id in members:
                 pipe.hmget(reserve_key(tenant_id, run_id), "amount", "reserved_at")
             rows = pipe.execute() if members else []
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise DependencyUnavailable("redis", str(exc)) from exc
+        except redis.RedisError as exc:
+            raise_if_outage(exc)
+            raise
         return [(run_id, int(amount), int(at or 0)) for run_id, (amount, at) in zip(members, rows) if amount is not None]
 
     def receipt(self, tenant_id: str, run_id: str) -> dict | None:
@@ -217,8 +220,9 @@ class RedisBudget:
         """
         try:
             return bool(self.client.set(MIRROR_SENTINEL_KEY, generation, nx=True))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise DependencyUnavailable("redis", str(exc)) from exc
+        except redis.RedisError as exc:
+            raise_if_outage(exc)
+            raise
 
     def missing_mirrors(self, tenant_ids: "list[str]") -> "list[str]":
         """The tenants whose balance key is absent (pipelined EXISTS, routed per key on a cluster)."""
@@ -229,16 +233,18 @@ class RedisBudget:
             for tenant_id in tenant_ids:
                 pipe.exists(balance_key(tenant_id))
             found = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise DependencyUnavailable("redis", str(exc)) from exc
+        except redis.RedisError as exc:
+            raise_if_outage(exc)
+            raise
         return [t for t, present in zip(tenant_ids, found) if not present]
 
     def hold_ids(self, tenant_id: str) -> "list[str]":
         """The run ids in the tenant's holds set (no amounts: see `holds`)."""
         try:
             return sorted(m.decode() for m in self.client.smembers(holds_key(tenant_id)))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise DependencyUnavailable("redis", str(exc)) from exc
+        except redis.RedisError as exc:
+            raise_if_outage(exc)
+            raise
 
     def audit_read(self, tenant_id: str, candidates: "list[str]") -> "MirrorView":
         """The balance, the holds and each candidate run's hold and receipt, at one instant.

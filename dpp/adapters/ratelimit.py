@@ -7,7 +7,7 @@ from importlib import resources
 
 import redis
 
-from dpp.domain.errors import DependencyUnavailable
+from dpp.adapters.outages import raise_if_outage
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class RedisRateLimiter:
         key = f"ratelimit:{{{tenant_id}}}:{name}:{index}"
         try:
             position = int(self._script(keys=[key], args=[window_sec]))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise DependencyUnavailable("redis", str(exc)) from exc
+        except redis.RedisError as exc:
+            raise_if_outage(exc)
+            raise
         return Window(position, max(1, int((index + 1) * window_sec - now + 0.999)))

@@ -63,6 +63,8 @@ class S3Results:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise DependencyUnavailable("s3", str(exc)) from exc
+        except BotoCoreError as exc:  # unreachable, or the body's read cut short
+            raise DependencyUnavailable("s3", str(exc)) from exc
 
     def delete(self, key: str) -> None:
         try:

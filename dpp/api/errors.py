@@ -11,12 +11,14 @@ import logging
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from dpp.adapters import outages
 from dpp.domain import errors as e
 from dpp.domain.money import format_usd
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://docs.decisionproof.dev/problems/"
+RETRY_AFTER_SEC = 2  # an outage's Retry-After: short, the client backs off on its own too
 
 
 def problem(status: int, slug: str, title: str, detail: str, headers: dict | None = None, **extra):
@@ -57,8 +59,10 @@ def _domain(exc: e.DppError):
     if isinstance(exc, e.ResultNotReady):
         return problem(409, "result-not-ready", "Result not available", "The run has no stored result: it is not COMPLETED.")
     if isinstance(exc, e.RateLimited):
+        slug, title = (("concurrency-limited", "Too Many Runs In Flight") if exc.limit == "concurrency"
+                       else ("rate-limited", "Too Many Requests"))
         return problem(
-            429, "rate-limited", "Too Many Requests", exc.detail,
+            429, slug, title, exc.detail,
             headers={"Retry-After": str(exc.retry_after_sec), **exc.headers},
         )
     if isinstance(exc, e.IdempotencyMismatch):
@@ -73,12 +77,7 @@ def _domain(exc: e.DppError):
             errors={exc.field: [exc.detail]} if exc.field else {},
         )
     if isinstance(exc, e.DependencyUnavailable):
-        log.warning("dependency unavailable", extra={"dependency": exc.dependency, "error": str(exc)})
-        return problem(
-            503, "unavailable", "Service Unavailable",
-            f"A dependency ({exc.dependency}) is unavailable; nothing was reserved. Retry later.",
-            headers={"Retry-After": "2"},
-        )
+        return _unavailable(exc.dependency, str(exc))
     return _unexpected(exc)
 
 
@@ -101,7 +100,21 @@ def _http(exc: HTTPException):
     return problem(status, slug, exc.name or "Error", detail, headers=headers)
 
 
+def _unavailable(dependency: str, reason: str):
+    log.warning("dependency unavailable", extra={"dependency": dependency, "error": reason})
+    return problem(
+        503, "unavailable", "Service Unavailable",
+        f"A dependency ({dependency}) is unavailable; nothing was reserved. Retry later.",
+        headers={"Retry-After": str(RETRY_AFTER_SEC)},
+    )
+
+
 def _unexpected(exc: Exception):
+    # An outage met outside a service's own handling (authentication's query, a
+    # GET's read, a pool that timed out) is still an outage: 503, not 500.
+    dependency = outages.dependency_of(exc)
+    if dependency is not None:
+        return _unavailable(dependency, f"{type(exc).__name__}: {exc}")
     log.exception("unhandled error", extra={"error": repr(exc)})
     return problem(500, "internal", "Internal Server Error", "An unexpected error occurred; quote the trace_id.")
 

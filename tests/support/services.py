@@ -1,4 +1,4 @@
-"""Private Redis / moto / gunicorn instances for tests that stop or break a service.
+"""Private PostgreSQL / Redis / moto / gunicorn instances for tests that stop or break a service.
 
 A test that kills a dependency must never touch the shared ones (the machine's
 Redis on 6379, PostgreSQL on 5432, the moto `make test` started): it starts its
@@ -126,6 +126,82 @@ class PrivateMoto:
             AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
         )["Attributes"]
         return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of its own (initdb in a fresh directory, a free port),
+    migrated and seeded; stop / start / freeze (SIGSTOP, a hung server) / thaw."""
+
+    def __init__(self):
+        import tempfile
+
+        self.as_pg = devstack._pg_user_kwargs()
+        self.bindir = devstack._pg_bindir()
+        # Not under pytest's tmp_path: the postgres user must reach the directory.
+        self.home = Path(tempfile.mkdtemp(prefix="dpp-test-pg-"))
+        os.chmod(self.home, 0o755)
+        if self.as_pg:
+            os.chown(self.home, self.as_pg["user"], self.as_pg["group"])
+        self.port = devstack.free_port()
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/dpp"
+
+    def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bindir / "pg_ctl"), "-D", str(self.home / "data"),
+                               "-l", str(self.home / "postgres.log"), *args],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=self.home,
+                              start_new_session=True, **self.as_pg)
+
+    def create(self) -> "PrivatePostgres":
+        result = subprocess.run([str(self.bindir / "initdb"), "-D", str(self.home / "data"), "-U", "postgres",
+                                 "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=self.home, **self.as_pg)
+        assert result.returncode == 0, result.stderr
+        self.start()
+        devstack._pg_ensure_database(self.url, fresh=True)
+        env = {**os.environ, "DATABASE_URL": self.url, "DATABASE_URL_MIGRATIONS": self.url, "PYTHONPATH": str(ROOT)}
+        migrated = subprocess.run([str(BIN / "alembic"), "upgrade", "head"], cwd=ROOT, env=env,
+                                  capture_output=True, text=True)
+        assert migrated.returncode == 0, migrated.stderr
+        return self
+
+    def start(self) -> None:
+        result = self._pg_ctl("-w", "-t", "60", "-o", f"-p {self.port} -k {self.home} -c listen_addresses=127.0.0.1",
+                              "start")
+        assert result.returncode == 0, result.stderr + (self.home / "postgres.log").read_text()
+
+    def stop(self) -> None:
+        self._pg_ctl("-m", "immediate", "-w", "-t", "30", "stop")
+
+    def _pids(self) -> list[int]:
+        postmaster = int((self.home / "data" / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    def freeze(self) -> None:
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
+
+    def remove(self) -> None:
+        if (self.home / "data" / "postmaster.pid").exists():
+            try:
+                self.thaw()
+            except (OSError, ValueError):
+                pass
+            self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@contextmanager
+def private_postgres():
+    pg = PrivatePostgres().create()
+    try:
+        yield pg
+    finally:
+        pg.remove()
 
 
 @contextmanager
