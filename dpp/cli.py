@@ -57,6 +57,37 @@ def tenant_create(tenant_id: str, plan_id: str) -> None:
     click.echo(f"tenant {tenant_id} created on plan {plan_id}")
 
 
+@tenant.command("suspend")
+@click.argument("tenant_id")
+@click.option("--reason", required=True, help="Why, for the log (the audit trail).")
+def tenant_suspend(tenant_id: str, reason: str) -> None:
+    """Refuse the tenant's requests (403) from its next one; runs in flight finish and settle."""
+    _set_tenant_status(tenant_id, "suspended", reason)
+
+
+@tenant.command("resume")
+@click.argument("tenant_id")
+@click.option("--reason", required=True, help="Why, for the log (the audit trail).")
+def tenant_resume(tenant_id: str, reason: str) -> None:
+    """Serve the tenant again from its next request."""
+    _set_tenant_status(tenant_id, "active", reason)
+
+
+def _set_tenant_status(tenant_id: str, status: str, reason: str) -> None:
+    import getpass
+    import logging
+
+    from dpp.services import tenants
+
+    try:
+        previous = tenants.set_status(deps(), tenant_id, status)
+    except tenants.UnknownTenant:
+        _fail(f"unknown tenant {tenant_id!r}")
+    logging.getLogger("dpp.cli").warning("tenant status changed", extra={
+        "tenant_id": tenant_id, "from": previous, "to": status, "reason": reason, "operator": getpass.getuser()})
+    click.echo(f"tenant {tenant_id}: {previous} -> {status}")
+
+
 @main.group()
 def key() -> None:
     """API keys."""
@@ -77,13 +108,46 @@ def key_issue(tenant_id: str) -> None:
 
 
 @key.command("revoke")
-@click.argument("api_key")
-def key_revoke(api_key: str) -> None:
+@click.argument("api_key", required=False)
+@click.option("--id", "key_id", type=int, help="The key's id, from `dpp key list`.")
+@click.option("--prefix", help="The key's shown prefix (e.g. dpp_live_ab12cd), from `dpp key list`.")
+def key_revoke(api_key: str | None, key_id: int | None, prefix: str | None) -> None:
+    """Revoke a key, named by the key itself, its id or its shown prefix (one of them)."""
     from dpp.services import tenants
 
-    if not tenants.revoke_key(deps(), api_key):
+    if sum(x is not None for x in (api_key, key_id, prefix)) != 1:
+        _fail("name the key one way: the key, --id or --prefix")
+    if api_key is not None:
+        if not tenants.revoke_key(deps(), api_key):
+            _fail("no such active key")
+        click.echo("key revoked")
+        return
+    if prefix is not None and len(prefix) < 6:
+        _fail("--prefix needs at least 6 characters")
+    try:
+        info = tenants.revoke_key_by(deps(), key_id=key_id, prefix=prefix)
+    except tenants.AmbiguousKey as exc:
+        _fail("several active keys match; use --id: "
+              + ", ".join(f"{k.id} ({k.tenant_id}, {k.prefix}…)" for k in exc.matches))
+    if info is None:
         _fail("no such active key")
-    click.echo("key revoked")
+    click.echo(f"key {info.id} ({info.prefix}…) of tenant {info.tenant_id} revoked")
+
+
+@key.command("list")
+@click.option("--tenant", "tenant_id", required=True)
+def key_list(tenant_id: str) -> None:
+    """The tenant's keys: id, shown prefix, created, revoked (never the key)."""
+    from dpp.services import tenants
+
+    try:
+        found = tenants.list_keys(deps(), tenant_id)
+    except tenants.UnknownTenant:
+        _fail(f"unknown tenant {tenant_id!r}")
+    click.echo(f"{'id':>6}  {'prefix':<18} {'created':<20} revoked")
+    for k in found:
+        revoked = k.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if k.revoked_at else "-"
+        click.echo(f"{k.id:>6}  {k.prefix + '…':<18} {k.created_at:%Y-%m-%d %H:%M:%S}  {revoked}")
 
 
 @main.group()

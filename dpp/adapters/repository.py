@@ -139,6 +139,17 @@ class TenantRepository:
             select(orm.ApiKey).where(orm.ApiKey.key_hash == key_hash)
         ).scalar_one_or_none()
 
+    def keys(self, tenant_id: str) -> list[orm.ApiKey]:
+        return list(self.session.execute(
+            select(orm.ApiKey).where(orm.ApiKey.tenant_id == tenant_id).order_by(orm.ApiKey.id)
+        ).scalars())
+
+    def active_keys_by_prefix(self, prefix: str) -> list[orm.ApiKey]:
+        return list(self.session.execute(
+            select(orm.ApiKey).where(orm.ApiKey.display_prefix.startswith(prefix, autoescape=True),
+                                     orm.ApiKey.revoked_at.is_(None)).order_by(orm.ApiKey.id)
+        ).scalars())
+
     def upsert_plan(self, **values: Any) -> None:
         stmt = insert(orm.Plan).values(**values)
         self.session.execute(

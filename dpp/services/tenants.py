@@ -96,6 +96,64 @@ def revoke_key(deps, key: str) -> bool:
         return True
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """What may be shown of a key: never the key itself (only its hash is stored)."""
+
+    id: int
+    tenant_id: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def _info(row: orm.ApiKey) -> KeyInfo:
+    return KeyInfo(row.id, row.tenant_id, row.display_prefix, row.created_at, row.revoked_at)
+
+
+def list_keys(deps, tenant_id: str) -> list[KeyInfo]:
+    with deps.db.transaction() as session:
+        repo = TenantRepository(session)
+        if repo.get(tenant_id) is None:
+            raise UnknownTenant(tenant_id)
+        return [_info(row) for row in repo.keys(tenant_id)]
+
+
+class AmbiguousKey(DppError):
+    def __init__(self, matches: list[KeyInfo]):
+        super().__init__(f"{len(matches)} active keys match")
+        self.matches = matches
+
+
+def revoke_key_by(deps, *, key_id: int | None = None, prefix: str | None = None) -> KeyInfo | None:
+    """Revoke one active key named by its id or by its shown prefix (the plaintext
+    is shown once and rarely kept). None if none matches; AmbiguousKey if several."""
+    with deps.db.transaction() as session:
+        repo = TenantRepository(session)
+        if key_id is not None:
+            row = session.get(orm.ApiKey, key_id)
+            rows = [row] if row is not None and row.revoked_at is None else []
+        else:
+            rows = repo.active_keys_by_prefix(prefix or "")
+        if len(rows) > 1:
+            raise AmbiguousKey([_info(r) for r in rows])
+        if not rows:
+            return None
+        rows[0].revoked_at = datetime.now(timezone.utc)
+        return _info(rows[0])
+
+
+def set_status(deps, tenant_id: str, status: str) -> str:
+    """Suspend or resume a tenant; it takes effect on its next request (every
+    request authenticates against the database). Returns the previous status."""
+    with deps.db.transaction() as session:
+        row = TenantRepository(session).get(tenant_id)
+        if row is None:
+            raise UnknownTenant(tenant_id)
+        previous, row.status = row.status, status
+        return previous
+
+
 def authenticate(deps, presented: str | None) -> Principal:
     """Bearer key -> Principal. Format and checksum first: a bad key costs no query."""
     if not presented or not keys.well_formed(presented):
@@ -130,5 +188,6 @@ def tenant_exists(deps, tenant_id: str) -> bool:
 
 __all__ = [
     "PLANS", "Principal", "TenantExists", "UnknownPlan", "UnknownTenant",
-    "authenticate", "create_tenant", "issue_key", "revoke_key", "seed_plans", "tenant_exists",
+    "AmbiguousKey", "KeyInfo", "authenticate", "create_tenant", "issue_key", "list_keys", "revoke_key",
+    "revoke_key_by", "seed_plans", "set_status", "tenant_exists",
 ]
