@@ -9,11 +9,13 @@ from celery import Celery
 from celery.signals import beat_init, heartbeat_sent, setup_logging, worker_init, worker_process_init
 
 from dpp.adapters import kombu_sqs
-from dpp.config import get_settings
+from dpp.config import check_flower, get_settings
 
 # Worker, beat, Flower and the CLI refuse to start on a production config that
 # points at loopback endpoints or holds static keys, like the API does.
 get_settings().check_production()
+if "flower" in sys.argv[1:]:
+    check_flower(get_settings(), sys.argv[1:], os.environ)
 kombu_sqs.register()  # before any connection: the broker URL's scheme is ours
 app = Celery("dpp", include=["tasks.runs", "tasks.sweeps"])
 app.config_from_object("celeryconfig")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -35,22 +36,47 @@ def _bool(env: dict, name: str, default: bool) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
-def is_loopback_url(url: str | None) -> bool:
-    """True when the URL's host is a loopback address or `localhost`.
+def is_local_host(host: str | None) -> bool:
+    """True for a host that names this machine: loopback or unspecified, however spelled.
 
-    Parsed, never substring-matched: `http://127.0.0.1.evil.com` is not loopback.
+    Parsed, never substring-matched: `127.0.0.1.evil.com` is not local, while
+    `127.1`, `0x7f.1`, `2130706433` (the forms inet_aton and so every HTTP
+    client accept), `0.0.0.0`, `::`, `::1`, `::ffff:127.0.0.1`, `localhost.` and
+    `*.localhost` (RFC 6761) all are.
     """
-    if not url:
+    if not host:
         return False
-    host = urlsplit(url).hostname
-    if host is None:
-        return False
-    if host == "localhost":
+    name = host.strip().lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(name)
     except ValueError:
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(name))
+        except OSError:
+            return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return any(a is not None and (a.is_loopback or a.is_unspecified) for a in (address, mapped))
+
+
+def is_loopback_url(url: str | None) -> bool:
+    """True when the URL's host is this machine (`is_local_host`)."""
+    if not url:
         return False
+    try:
+        return is_local_host(urlsplit(url).hostname)
+    except ValueError:  # an unparsable URL names no host we could trust
+        return False
+
+
+# DPP_ENV values; any other is refused at start (a typo must not mean "not production").
+ENVIRONMENTS = ("development", "test", "production")
+# Production refuses to guess these: a default would point it at a loopback service.
+REQUIRED_IN_PRODUCTION = ("DATABASE_URL", "REDIS_URL")
+# Fault injection (dpp/faults.py) exists for the tests and the chaos runner only.
+FAULT_SETTINGS = ("DPP_FAULTS", "DPP_FAULT_TOKENS")
+MIN_SIGNING_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -104,6 +130,8 @@ class Settings:
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
+    # Which of the variables production must see were set (non-empty) in the environment.
+    explicit: frozenset = frozenset()
 
     @property
     def sweeps_queue(self) -> str:
@@ -156,6 +184,7 @@ class Settings:
             aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
             aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
             aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
+            explicit=frozenset(n for n in (*REQUIRED_IN_PRODUCTION, *FAULT_SETTINGS) if env.get(n)),
         )
 
     @property
@@ -183,9 +212,20 @@ class Settings:
         return {}
 
     def check_production(self) -> None:
-        """Refuse to run production against loopback endpoints or static keys."""
+        """Refuse to start production on anything a development default could slip in.
+
+        Every refusal names the setting; each has a test (tests/unit/test_config.py).
+        """
+        if self.env not in ENVIRONMENTS:
+            raise RuntimeError(f"DPP_ENV={self.env!r} is not one of {', '.join(ENVIRONMENTS)}")
         if self.env != "production":
             return
+        for name in REQUIRED_IN_PRODUCTION:
+            if name not in self.explicit:
+                raise RuntimeError(f"DPP_ENV=production needs {name} set explicitly (the default is loopback)")
+        faults = [name for name in FAULT_SETTINGS if name in self.explicit]
+        if faults:
+            raise RuntimeError(f"DPP_ENV=production refuses fault injection: {', '.join(faults)} is set")
         for name, url in (("SQS_ENDPOINT_URL", self.sqs_endpoint_url), ("S3_ENDPOINT_URL", self.s3_endpoint_url)):
             if is_loopback_url(url):
                 raise RuntimeError(f"DPP_ENV=production refuses loopback endpoint {name}={url}")
@@ -197,6 +237,9 @@ class Settings:
                                "AWS_SESSION_TOKEN): give the pod an IAM role instead")
         if not self.signing_key or self.signing_key_id == "dev":
             raise RuntimeError("DPP_ENV=production needs DPP_SIGNING_KEY and DPP_SIGNING_KEY_ID (not 'dev')")
+        if len(self.signing_key.encode()) < MIN_SIGNING_KEY_BYTES:
+            raise RuntimeError(f"DPP_ENV=production needs a DPP_SIGNING_KEY of at least {MIN_SIGNING_KEY_BYTES} "
+                               f"bytes (HMAC-SHA256), not {len(self.signing_key.encode())}")
         never = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "169.254.0.0/16", "fd00:ec2::254/128")]
         for cidr in self.url_allowlist:
             if any(ipaddress.ip_network(cidr, strict=False).overlaps(n) for n in never):
@@ -204,6 +247,20 @@ class Settings:
         test_packs = [p for p in self.extra_packs if p.startswith("tests.")]
         if test_packs:
             raise RuntimeError(f"DPP_ENV=production refuses test-only packs: {test_packs}")
+
+
+def check_flower(settings: Settings, argv: list[str], environ: dict) -> None:
+    """Flower shows every task's arguments and can revoke tasks and restart pools:
+    in production it must not start without authentication (basic auth, or
+    Flower's OAuth), whatever the chart or the command line forgot."""
+    if settings.env != "production":
+        return
+    flags = ("--basic-auth", "--basic_auth", "--auth")
+    if environ.get("FLOWER_BASIC_AUTH") or environ.get("FLOWER_AUTH") or any(
+            a.split("=", 1)[0] in flags for a in argv):
+        return
+    raise RuntimeError("DPP_ENV=production refuses to start Flower without FLOWER_BASIC_AUTH (or --basic-auth / "
+                       "FLOWER_AUTH): it can see task arguments and control workers")
 
 
 _settings: Settings | None = None
