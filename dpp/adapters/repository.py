@@ -6,7 +6,7 @@ checks atomic: it writes only if the row still has the version that was judged.
 from __future__ import annotations
 
 import uuid
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from typing import Any
 
 from sqlalchemy import func, select, text, update
@@ -160,13 +160,20 @@ class TenantRepository:
         )
 
 
+def usage_day(at: datetime) -> date:
+    """The UTC day of a moment (SPEC §4: usage days are UTC). The database's
+    `now()` comes back in the session's time zone, whatever the server's
+    TimeZone is: its `.date()` alone would be that zone's day."""
+    return at.astimezone(timezone.utc).date()
+
+
 def record_usage(
-    session: Session, tenant_id: str, day: date, *, completed: bool, charged: int, released: int
+    session: Session, tenant_id: str, at: datetime, *, completed: bool, charged: int, released: int
 ) -> None:
     """Daily usage counters, written in the same transaction as the settlement."""
     stmt = insert(orm.UsageDaily).values(
         tenant_id=tenant_id,
-        day=day,
+        day=usage_day(at),
         runs_completed=1 if completed else 0,
         runs_failed=0 if completed else 1,
         charged_micros=charged,

@@ -166,7 +166,7 @@ def commit(
         record_usage(
             session,
             row.tenant_id,
-            now.date(),
+            now,
             completed=status is RunStatus.COMPLETED,
             charged=settlement.charge_micros,
             released=settlement.release_micros,
