@@ -32,10 +32,17 @@ class RunCreate(Schema):
     def _storable_text(self, data, **kwargs):
         # PostgreSQL's JSONB refuses U+0000 and UTF-8 cannot encode a lone
         # surrogate: either would fail deep in the submission (as a 500, or a
-        # 503 an agent retries forever). Refuse them here, where they are a 422.
+        # 503 an agent retries forever). Bidi embedding/override/isolate controls
+        # make a signed proof read differently from what was signed ("Trojan
+        # Source"); right-to-left text itself needs none of them. Refuse all
+        # here, where they are a 422.
         for path, text in _strings({"pack_type": data.get("pack_type"), "inputs": data.get("inputs")}):
-            if "\x00" in text or not _encodable(text):
-                raise ValidationError({path: ["must not contain U+0000 or unpaired surrogates"]})
+            if "\x00" in text or not _encodable(text) or not _BIDI_CONTROLS.isdisjoint(text):
+                raise ValidationError({path: ["must not contain U+0000, unpaired surrogates or bidi "
+                                              "override/isolate controls (U+202A-U+202E, U+2066-U+2069)"]})
+
+
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def _encodable(text: str) -> bool:

@@ -274,7 +274,7 @@ def test_crafted_cursors_and_hostile_json_are_client_errors_not_5xx(platform, te
         assert r.status_code == 400, (path, value, r.text)
 
     submit = {**auth, "Idempotency-Key": "hostile", "Content-Type": "application/json"}
-    for question in ("a\u0000b", "\ud800"):
+    for question in ("a\u0000b", "\ud800", "pay \u202eevil", "\u2066x\u2069"):  # issue 14: bidi controls too
         body = jsonlib.dumps({"pack_type": "decision", "inputs": {"question": question}, "max_cost_usd": "0.50"})
         r = requests.post(f"{platform['url']}/v1/runs", data=body.encode("utf-8", "surrogatepass"), headers=submit, timeout=10)
         assert r.status_code == 422 and "inputs.question" in r.json()["errors"], r.text

@@ -402,6 +402,17 @@ _BLOCK_TAGS = frozenset(
 _SKIP_TAGS = frozenset({"script", "style", "noscript", "template", "svg", "math"})
 _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]{1,40})""", re.I)
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+# The encodings a page may declare and we decode: the WHATWG Encoding Standard's
+# (by Python's canonical names). Python knows many more, and some are traps for a
+# worker: `punycode` decodes in quadratic time (a 1 MiB body pins a CPU for
+# minutes), `idna`, `utf-7`, `hex`, `rot13`, `zlib` are not page encodings at all.
+# Any other declared charset falls back to UTF-8 with replacement.
+PAGE_CODECS = frozenset({
+    "utf-8", "utf-16", "utf-16-le", "utf-16-be", "ascii",
+    *(f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 10, 13, 14, 15, 16)),
+    *(f"cp{n}" for n in range(1250, 1259)), "cp866", "koi8-r", "koi8-u", "mac-roman", "mac-cyrillic",
+    "shift_jis", "euc_jp", "iso2022_jp", "gb2312", "gbk", "gb18030", "big5", "euc_kr",
+})
 _SPACE = re.compile(r"\s+")
 FEED_CHARS = 64 * 1024
 
@@ -431,9 +442,11 @@ def decode(body: bytes, header_charset: str | None, html: bool) -> tuple[str, st
     for name in candidates:
         try:
             codec = codecs.lookup(name)
-            text = body.decode(codec.name, "replace")
-        except (LookupError, UnicodeError, TypeError, ValueError):
-            continue  # unknown, or not a text encoding ("hex", "rot13", ...)
+        except (LookupError, TypeError, ValueError):
+            continue  # unknown
+        if codec.name not in PAGE_CODECS:
+            continue  # known to Python but not a web page's encoding: see PAGE_CODECS
+        text = body.decode(codec.name, "replace")
         return text.removeprefix("\ufeff"), codec.name
     return body.decode("utf-8", "replace").removeprefix("\ufeff"), "utf-8"
 
