@@ -10,6 +10,16 @@ from dpp.logs import gunicorn_logconfig
 logconfig_dict = gunicorn_logconfig()
 
 
+def post_fork(server, worker):
+    # A hung PostgreSQL must give the request its 503 before this worker's timeout
+    # kills it (dpp.adapters.db.bound_waits). Here, in the API's processes only:
+    # the setting is process-wide, and a worker's or a test's long wait is not a hang.
+    from dpp.adapters import db
+    from dpp.config import get_settings
+
+    db.bound_waits(get_settings().db_io_timeout_sec)
+
+
 def child_exit(server, worker):
     # A gunicorn worker that exits leaves its live gauges behind: mark them dead so
     # /metrics stops reporting them (prometheus_client's multiprocess mode).

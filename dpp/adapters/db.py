@@ -6,6 +6,7 @@ sockets) must never cross a fork, so the engine is keyed by PID.
 from __future__ import annotations
 
 import os
+import select
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -36,6 +37,38 @@ def engine_for(settings: Settings) -> Engine:
         )
         _engines[key] = engine
     return engine
+
+
+def bound_waits(seconds: float) -> None:
+    """Make every PostgreSQL wait of this process give up after `seconds` of silence.
+
+    A hung server (SIGSTOPped, a network path that drops packets) still ACKs at
+    the TCP level, so neither libpq's connect_timeout (after the handshake) nor
+    keepalives notice, and a query on a pooled connection waits for ever: the
+    API's request would die with its gunicorn worker at 30 s instead of getting
+    its 503. psycopg2's wait callback lets us do the waiting: each wait for the
+    socket is bounded, and giving up raises OperationalError, after which
+    psycopg2 closes the connection (its "green panic") and SQLAlchemy discards
+    it. Process-wide, so the API sets it (a worker's long sweep must not).
+    """
+    import psycopg2
+    from psycopg2 import extensions
+
+    def wait(conn) -> None:
+        while True:
+            state = conn.poll()
+            if state == extensions.POLL_OK:
+                return
+            if state == extensions.POLL_READ:
+                ready = select.select([conn.fileno()], [], [], seconds)[0]
+            elif state == extensions.POLL_WRITE:
+                ready = select.select([], [conn.fileno()], [], seconds)[1]
+            else:
+                raise psycopg2.OperationalError(f"bad state from poll: {state!r}")
+            if not ready:
+                raise psycopg2.OperationalError(f"PostgreSQL did not answer within {seconds:g} s")
+
+    extensions.set_wait_callback(wait if seconds > 0 else None)
 
 
 _makers: dict[Engine, sessionmaker] = {}

@@ -24,6 +24,13 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number (RFC 8259); send a finite number or a string")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e999: valid JSON, but no double holds it
+        raise ValueError(f"the number {text[:40]} is out of range (a double's)")
+    return value
+
+
 def too_deep(value, limit: int = MAX_DEPTH) -> bool:
     """True if a container sits more than `limit` levels deep (iterative: no recursion)."""
     stack = [(value, 1)]
@@ -39,7 +46,7 @@ def too_deep(value, limit: int = MAX_DEPTH) -> bool:
 class StrictJSONProvider(DefaultJSONProvider):
     def loads(self, s, **kwargs):
         try:
-            value = json.loads(s, parse_constant=_refuse_constant, **kwargs)
+            value = json.loads(s, parse_constant=_refuse_constant, parse_float=_finite_float, **kwargs)
         except RecursionError:
             raise ValueError(f"nested more than {MAX_DEPTH} levels deep") from None
         if too_deep(value):

@@ -61,6 +61,37 @@ def test_postgresql_stopped_answers_503_on_every_endpoint_then_recovers(settings
             assert_invariants(deps, [tenant_id])
 
 
+def test_postgresql_hung_answers_503_before_the_worker_timeout(settings, tmp_path):
+    """SIGSTOPped: connections are accepted by the kernel and never answered. Before,
+    a request waited until gunicorn killed its worker at 30 s (no answer at all)."""
+    from dpp.bootstrap import Deps
+    from dpp.services.tenants import seed_plans
+
+    with private_postgres() as pg:
+        deps = Deps(dataclasses.replace(settings, database_url=pg.url))
+        seed_plans(deps)
+        tenant_id, key = _new_tenant(deps)
+        with gunicorn({"DATABASE_URL": pg.url}, tmp_path / "api.log") as base:
+            auth = {"Authorization": f"Bearer {key}"}
+            assert requests.get(f"{base}/v1/balance", headers=auth, timeout=5).status_code == 200  # warm pool
+            pg.freeze()
+            try:
+                for idem in ("pg-hung-1", None):
+                    started = time.monotonic()
+                    if idem:
+                        resp, elapsed = _post(base, key, idem, timeout=40)
+                    else:
+                        resp = requests.get(f"{base}/v1/balance", headers=auth, timeout=40)
+                        elapsed = time.monotonic() - started
+                    problem = _assert_503(resp, elapsed)
+                    assert "database" in problem["detail"], problem
+            finally:
+                pg.thaw()
+            assert deps.budget.hold_ids(tenant_id) == [] and deps.budget.available(tenant_id) == TOPUP
+            assert requests.get(f"{base}/v1/balance", headers=auth, timeout=10).status_code == 200  # recovered
+            assert_invariants(deps, [tenant_id], check_redis=True)
+
+
 @pytest.mark.parametrize("fault", ["read_only", "out_of_memory"])
 def test_redis_refusing_writes_answers_503_and_holds_nothing(clean, settings, tmp_path, fault):
     with private_redis(tmp_path) as redis_srv, private_moto(tmp_path) as moto:
