@@ -511,8 +511,8 @@ class Chaos:
                 time.sleep(random.uniform(0.0, 0.3))
                 with self.moto.restarting:  # restarted and its queues back before another trial's restart
                     self.moto.restart()
+                    self._fault(out)  # the fault is the restart, whatever happens next
                     self._recreate_aws()
-                self._fault(out)
             elif point == "message_redelivery":
                 run = self.submit(key)
                 self._wait_terminal(tenant_id, deadline=time.monotonic() + bound(point) + 30)

@@ -916,7 +916,12 @@ def ensure_queue(name: str, region: str, endpoint: str | None, fresh: bool = Fal
         try:
             url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
         except sqs.exceptions.QueueDoesNotExist:
-            return sqs.create_queue(QueueName=queue, Attributes=attributes)["QueueUrl"]
+            try:
+                return sqs.create_queue(QueueName=queue, Attributes=attributes)["QueueUrl"]
+            except sqs.exceptions.QueueNameExists:
+                # Created between our look and our create (a worker declaring the
+                # sweeps queue on first use, with other attributes): set ours on it.
+                url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
         if attributes:
             sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
         return url
