@@ -73,6 +73,20 @@ def tenant_resume(tenant_id: str, reason: str) -> None:
     _set_tenant_status(tenant_id, "active", reason)
 
 
+@tenant.command("unfreeze")
+@click.argument("tenant_id")
+@click.option("--reason", required=True, help="What was found and fixed (the audit trail).")
+def tenant_unfreeze(tenant_id: str, reason: str) -> None:
+    """Take the tenant's submissions again after an automatic freeze (AUDIT_REQUIRED or drift)."""
+    import getpass
+
+    from dpp.services import admissions
+
+    if not admissions.unfreeze_tenant(deps(), tenant_id, reason=reason, operator=getpass.getuser()):
+        _fail(f"tenant {tenant_id!r} is not frozen")
+    click.echo(f"tenant {tenant_id}: admissions open again")
+
+
 def _set_tenant_status(tenant_id: str, status: str, reason: str) -> None:
     import getpass
     import logging
@@ -298,6 +312,47 @@ def budget_rebuild(tenant_id: str) -> None:
 
     books = ledger.rebuild(deps(), tenant_id)
     click.echo(f"redis available set to {format_usd(books.available)}")
+
+
+@main.group()
+def admissions() -> None:
+    """The platform's admissions: pause new runs for an incident or maintenance."""
+
+
+@admissions.command("pause")
+@click.option("--reason", required=True, help="Why, for the log and /readyz.")
+def admissions_pause(reason: str) -> None:
+    """POST /v1/runs answers 503 everywhere; runs in flight, reads and sweeps go on."""
+    import getpass
+
+    from dpp.services import admissions as service
+
+    made = service.pause(deps(), reason=reason, operator=getpass.getuser())
+    click.echo("admissions paused" if made else "admissions were already paused (the first reason stays)")
+
+
+@admissions.command("resume")
+@click.option("--reason", required=True, help="Why, for the log.")
+def admissions_resume(reason: str) -> None:
+    import getpass
+
+    from dpp.services import admissions as service
+
+    if not service.resume(deps(), reason=reason, operator=getpass.getuser()):
+        _fail("admissions were not paused")
+    click.echo("admissions resumed")
+
+
+@admissions.command("status")
+def admissions_status() -> None:
+    """The holds in force: the platform's pause and each frozen tenant."""
+    from dpp.services import admissions as service
+
+    held = service.holds(deps())
+    if not held:
+        click.echo("admissions open; no tenant frozen")
+    for h in held:
+        click.echo(f"{h['scope']:<24} {h['kind']:<7} since {h['since']} by {h['operator']}: {h['reason']}")
 
 
 @main.command("audit")

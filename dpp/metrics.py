@@ -45,6 +45,11 @@ for _cause in ("redis_data_lost", "missing"):  # both series exist, at 0, before
 REDIS_DATA_LOSSES = Counter("dpp_redis_data_losses_total", "Times the mirror sentinel was found missing")
 HOLDS_REPAIRED = Counter("dpp_budget_holds_repaired_total",
                          "Redis holds given back by the orphan sweep", ["kind"])
+ADMISSIONS_PAUSED = Gauge("dpp_admissions_paused", "1 while the platform's admissions are paused by hand",
+                          multiprocess_mode="mostrecent")
+TENANTS_FROZEN = Gauge("dpp_tenants_frozen", "Tenants whose admissions are frozen after a money alarm",
+                       multiprocess_mode="mostrecent")
+TENANT_FREEZES = Counter("dpp_tenant_freezes_total", "Tenants frozen automatically (AUDIT_REQUIRED or drift)")
 REDRIVES = Counter("dpp_runs_redriven_total", "QUEUED runs whose message was published again")
 LEASE_EXPIRIES = Counter("dpp_lease_expiries_total", "Runs failed by the lease sweep")
 RECONCILE_ACTIONS = Counter("dpp_reconcile_actions_total", "Reconciler decisions", ["action"])

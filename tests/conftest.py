@@ -71,7 +71,7 @@ def clean(seeded, settings):
 
     with seeded.db.transaction() as session:
         session.execute(
-            text("TRUNCATE ledger_transfers, usage_daily, runs, api_keys, tenant_balances, tenants CASCADE")
+            text("TRUNCATE ledger_transfers, usage_daily, runs, api_keys, tenant_balances, tenants, admission_holds CASCADE")
         )
     seeded.budget.client.flushdb()
     if settings.sqs_queue_url:

@@ -106,6 +106,21 @@ class TenantBalance(Base):
     )
 
 
+class AdmissionHold(Base):
+    """New submissions refused for a scope: 'platform' (paused by hand) or
+    'tenant:<id>' (frozen when its money raised an alarm). Deleted to resume."""
+
+    __tablename__ = "admission_holds"
+
+    scope: Mapped[str] = mapped_column(String(80), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    operator: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(TZ, server_default=func.now())
+
+    __table_args__ = (CheckConstraint("kind IN ('pause', 'freeze')", name="kind"),)
+
+
 class LedgerCheckpoint(Base):
     """The sums of a tenant's transfers up to `transfer_id`, as an audit found them sound.
 

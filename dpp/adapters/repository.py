@@ -213,3 +213,40 @@ def _owned(run: orm.Run | None, tenant_id: str) -> orm.Run | None:
 def utcnow(session: Session) -> datetime:
     """The database's clock: leases are judged by one clock, not by each worker's."""
     return session.execute(select(func.now())).scalar_one()
+
+
+PLATFORM = "platform"
+
+
+def tenant_scope(tenant_id: str) -> str:
+    return f"tenant:{tenant_id}"
+
+
+class AdmissionRepository:
+    def __init__(self, session: Session):
+        self.session = session
+
+    def holding(self, tenant_id: str) -> orm.AdmissionHold | None:
+        """The hold that refuses this tenant's submissions, the platform's first."""
+        rows = self.session.execute(
+            select(orm.AdmissionHold).where(orm.AdmissionHold.scope.in_((PLATFORM, tenant_scope(tenant_id))))
+        ).scalars().all()
+        return min(rows, key=lambda r: r.scope != PLATFORM, default=None)
+
+    def get(self, scope: str) -> orm.AdmissionHold | None:
+        return self.session.get(orm.AdmissionHold, scope)
+
+    def all(self) -> list[orm.AdmissionHold]:
+        return list(self.session.execute(select(orm.AdmissionHold).order_by(orm.AdmissionHold.scope)).scalars())
+
+    def hold(self, scope: str, kind: str, reason: str, operator: str) -> bool:
+        """True if this made the hold (False: one was already there, kept as it was)."""
+        stmt = insert(orm.AdmissionHold).values(scope=scope, kind=kind, reason=reason, operator=operator)
+        return self.session.execute(stmt.on_conflict_do_nothing(index_elements=["scope"])).rowcount == 1
+
+    def release(self, scope: str) -> orm.AdmissionHold | None:
+        row = self.get(scope)
+        if row is not None:
+            self.session.delete(row)
+            self.session.flush()
+        return row

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://docs.decisionproof.dev/problems/"
 RETRY_AFTER_SEC = 2  # an outage's Retry-After: short, the client backs off on its own too
+ADMISSIONS_RETRY_AFTER_SEC = 60  # a pause or a freeze is lifted by a person: minutes
 
 
 def problem(status: int, slug: str, title: str, detail: str, headers: dict | None = None, **extra):
@@ -76,6 +77,16 @@ def _domain(exc: e.DppError):
             422, "plan-limit", "Not allowed by plan", exc.detail,
             errors={exc.field: [exc.detail]} if exc.field else {},
         )
+    if isinstance(exc, e.AdmissionsClosed):
+        if exc.kind == "pause":
+            slug, title, detail = ("admissions-paused", "Admissions paused",
+                                   "New runs are paused on this platform (maintenance or an incident); runs in "
+                                   "flight continue and reads are served. Retry later.")
+        else:
+            slug, title, detail = ("admissions-frozen", "Admissions frozen",
+                                   "This tenant's new runs are held while its account is reviewed; runs in "
+                                   "flight continue and reads are served. Nothing was reserved.")
+        return problem(503, slug, title, detail, headers={"Retry-After": str(ADMISSIONS_RETRY_AFTER_SEC)})
     if isinstance(exc, e.DependencyUnavailable):
         return _unavailable(exc.dependency, str(exc))
     return _unexpected(exc)

@@ -95,6 +95,16 @@ class DependencyUnavailable(DppError):
         self.dependency = dependency
 
 
+class AdmissionsClosed(DppError):
+    """New submissions are refused for now: the platform is paused, or the tenant's
+    admissions are frozen after a money alarm. A 503 of its own, with Retry-After."""
+
+    def __init__(self, scope: str, kind: str):
+        super().__init__(f"admissions {kind}d for {scope}")
+        self.scope = scope
+        self.kind = kind  # "pause" (the platform) or "freeze" (one tenant)
+
+
 class InvalidTransition(DppError):
     """A run state change that the state machine forbids."""
 

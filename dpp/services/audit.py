@@ -45,6 +45,7 @@ class AuditReport:
     runs_checked: int = 0
     violations: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
+    drifting: set[str] = field(default_factory=set)  # tenants with a violation (not a pending repair)
 
     @property
     def ok(self) -> bool:
@@ -60,7 +61,10 @@ def audit(deps, tenant_ids: list[str] | None = None, *, check_redis: bool = True
             tenant_ids = list(session.execute(select(orm.Tenant.id).order_by(orm.Tenant.id)).scalars())
     for tenant_id in tenant_ids:
         report.tenants_checked += 1
+        before = len(report.violations)
         _tenant(deps, tenant_id, report, check_redis, full)
+        if len(report.violations) > before:
+            report.drifting.add(tenant_id)
     if quiescent:  # after the bound nothing may still be on its way
         report.violations += [f"still pending: {p}" for p in report.pending]
         report.pending = []

@@ -24,7 +24,7 @@ from dpp.domain.money import format_usd
 from dpp.domain.packs.base import PackResult
 from dpp.domain.runs import ErrorCode, FinalizeStage, RunStatus
 from dpp.faults import fault_point
-from dpp.services import ledger
+from dpp.services import admissions, ledger
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,12 @@ def flag_audit_required(deps, run_id: str, reason: str) -> str:
     """Mark, alert, count — and change nothing else (SPEC §2 invariant 5)."""
     with deps.db.transaction() as session:
         repo = RunRepository(session)
-        snap = snapshot(repo.get(run_id, for_update=True))
+        row = repo.get(run_id, for_update=True)
+        snap = snapshot(row)
         repo.apply(snap, machine.mark_audit_required(snap, reason=reason))
+        # Until someone explains it, the tenant takes no new money in (its runs in
+        # flight finish; docs/runbook.md "A tenant is frozen").
+        admissions.freeze_tenant(session, row.tenant_id, f"run {run_id} AUDIT_REQUIRED: {reason}")
     log.critical(
         "AUDIT_REQUIRED: %s", reason,
         extra={"run_id": run_id, "alert_channel": ALERT_CHANNEL, "reason": reason},

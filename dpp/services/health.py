@@ -5,6 +5,8 @@ import os
 
 from sqlalchemy import text
 
+from dpp.services import admissions
+
 BILLING_SECRETS = ("DPP_SIGNING_KEY",)
 
 
@@ -40,4 +42,13 @@ def readiness(deps) -> tuple[bool, dict[str, str]]:
     else:
         services["billing_secrets"] = "skipped"
     ready = all(v in ("ok", "skipped") for v in services.values())
+    # Shown, never a reason to be unready: a paused platform still serves reads and
+    # its runs in flight, so its pods must stay in the load balancer.
+    try:
+        held = admissions.holds(deps)
+        paused = next((h for h in held if h["scope"] == "platform"), None)
+        services["admissions"] = f"paused: {paused['reason']}" if paused else "open"
+        services["tenants_frozen"] = str(sum(h["kind"] == "freeze" for h in held))
+    except Exception as exc:  # the database check above already says why
+        services["admissions"] = f"unknown: {type(exc).__name__}"
     return ready, services

@@ -29,7 +29,7 @@ from dpp.domain.errors import (
 from dpp.domain.money import format_usd
 from dpp.domain.runs import ErrorCode, RunStatus
 from dpp.faults import fault_point
-from dpp.services import finalize, ledger, limits
+from dpp.services import admissions, finalize, ledger, limits
 from dpp.services.tenants import Principal
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             earlier = _earlier_in(session, principal.tenant_id, idempotency_key, digest)
             if earlier is not None:
                 return Submitted(earlier, replayed=True)
+            admissions.check(session, principal.tenant_id)  # paused platform, frozen tenant: 503
             pack, inputs = _admit(deps, principal, sub)
             # The tenant's fence: it serialises the tenant's submissions to their
             # commit. A first request with this key that was in flight has

@@ -28,7 +28,7 @@ from dpp.domain import runs as machine
 from dpp.domain.errors import DependencyUnavailable, InvalidTransition
 from dpp.domain.runs import ErrorCode, FinalizeStage, MoneyState, RunStatus
 from dpp.faults import fault_point
-from dpp.services import finalize, ledger
+from dpp.services import admissions, finalize, ledger
 from dpp.services.finalize import ALERT_CHANNEL, flag_audit_required
 from dpp.services.audit import audit
 
@@ -363,6 +363,14 @@ def audit_budgets(deps) -> dict:
         log.critical("budget audit violation: %s", violation,
                      extra={"alert_channel": ALERT_CHANNEL, "violation": violation})
         metrics.AUDIT_REQUIRED.labels("budget_drift").inc()
+    frozen = []
+    for tenant_id in sorted(result.drifting):
+        # Drift nobody can explain yet: the tenant takes no new money in until an
+        # engineer has looked (`dpp tenant unfreeze`); its runs in flight settle.
+        first = next((v for v in result.violations if v.startswith((f"{tenant_id}:", f"{tenant_id}/"))), "drift")
+        with deps.db.transaction() as session:
+            if admissions.freeze_tenant(session, tenant_id, f"audit: {first}"):
+                frozen.append(tenant_id)
     return {
         "tenants_checked": result.tenants_checked,
         "runs_checked": result.runs_checked,
@@ -370,6 +378,7 @@ def audit_budgets(deps) -> dict:
         "ok": result.ok,
         "violations": result.violations,
         "pending": result.pending,
+        "frozen": frozen,
     }
 
 

@@ -88,6 +88,16 @@ def test_the_answer_to_a_submission_is_the_row_it_wrote_and_a_replay_repeats_it(
     assert_invariants(clean, [tenant_id])
 
 
+def assert_one_reservation(deps, tenant_id: str) -> None:
+    """Once every run has ended: the tenant's ledger holds exactly one RESERVE."""
+    wait_all_terminal(deps, tenant_id)
+    with deps.db.transaction() as s:
+        reserves = s.execute(
+            text("SELECT count(*) FROM ledger_transfers WHERE tenant_id = :t AND kind = 'RESERVE'"), {"t": tenant_id}
+        ).scalar_one()
+    assert reserves == 1
+
+
 def test_twenty_concurrent_identical_submissions_make_one_run_and_one_reservation(platform, clean):
     tenant_id, key = make_tenant(clean)
     with ThreadPoolExecutor(max_workers=20) as pool:
@@ -96,12 +106,7 @@ def test_twenty_concurrent_identical_submissions_make_one_run_and_one_reservatio
     assert len({r.json()["run_id"] for r in responses}) == 1
     assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 19
     assert len({r.content for r in responses}) == 1  # the same body, byte for byte
-    wait_all_terminal(clean, tenant_id)
-    with clean.db.transaction() as s:
-        reserves = s.execute(
-            text("SELECT count(*) FROM ledger_transfers WHERE tenant_id = :t AND kind = 'RESERVE'"), {"t": tenant_id}
-        ).scalar_one()
-    assert reserves == 1
+    assert_one_reservation(clean, tenant_id)
     assert_invariants(clean)
 
 
@@ -114,12 +119,7 @@ def test_identical_submissions_under_a_tight_budget_all_answer_the_first(platfor
         responses = list(pool.map(lambda _: post_run(platform["url"], key, idem="tight-key", body=body), range(8)))
     assert [r.status_code for r in responses] == [201] * 8, [r.text for r in responses if r.status_code != 201]
     assert len({r.json()["run_id"] for r in responses}) == 1
-    wait_all_terminal(clean, tenant_id)
-    with clean.db.transaction() as s:
-        reserves = s.execute(
-            text("SELECT count(*) FROM ledger_transfers WHERE tenant_id = :t AND kind = 'RESERVE'"), {"t": tenant_id}
-        ).scalar_one()
-    assert reserves == 1
+    assert_one_reservation(clean, tenant_id)
     assert_invariants(clean, [tenant_id])
 
 

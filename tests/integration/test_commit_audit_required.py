@@ -46,7 +46,10 @@ def test_a_commit_at_another_price_than_the_redis_receipt_is_flagged_and_moves_n
     r = row(fast, run_id)
     assert (r.money_state, r.status, r.finalize_stage, r.actual_cost_micros) == (
         "AUDIT_REQUIRED", "PROCESSING", "CLAIMED", None)
-    (alert,) = [rec for rec in caplog.records if rec.levelno == logging.CRITICAL]
+    critical = [rec for rec in caplog.records if rec.levelno == logging.CRITICAL]
+    (alert,) = [rec for rec in critical if rec.getMessage().startswith("AUDIT_REQUIRED")]
+    # ...and the tenant is frozen with it (issue 14), a CRITICAL alert of its own.
+    assert [rec.tenant_id for rec in critical if rec.getMessage().startswith("tenant admissions frozen")] == [tenant_id]
     assert alert.alert_channel == finalize.ALERT_CHANNEL and alert.run_id == run_id
     assert f"redis receipt charged {REDIS_PRICE}, this settlement wanted {COMMIT_PRICE}" in alert.getMessage()
     assert metrics.AUDIT_REQUIRED.labels("run")._value.get() == flagged + 1

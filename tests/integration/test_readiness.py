@@ -17,7 +17,7 @@ def test_ready_with_the_billing_preflight_skipped(seeded, settings):
     ready, services = readiness(deps_with(settings, seeded, billing_preflight_required=False))
     assert ready
     assert services == {"api": "ok", "database": "ok", "redis": "ok", "sqs": "ok", "s3": "ok",
-                        "billing_secrets": "skipped"}
+                        "billing_secrets": "skipped", "admissions": "open", "tenants_frozen": "0"}
 
 
 def test_the_required_billing_preflight_names_the_missing_secret(seeded, settings, monkeypatch):

@@ -131,7 +131,7 @@ def test_a_contradictory_receipt_is_flagged_not_fixed(fast, tenant, caplog):
     fast.results.put(result_key(tenant_id, run_id), b"{}", 900_000)  # more than the 500,000 reserved
     with caplog.at_level(logging.CRITICAL):
         assert sweeps.reconcile_stuck(fast).actions == {run_id: "audit-required"}
-    record = next(r for r in caplog.records if r.levelno == logging.CRITICAL)
+    record = next(r for r in caplog.records if r.levelno == logging.CRITICAL and r.getMessage().startswith("AUDIT_REQUIRED"))
     assert record.alert_channel and record.run_id == run_id
     r = row(fast, run_id)
     assert (r.money_state, r.status, r.finalize_stage) == ("AUDIT_REQUIRED", "PROCESSING", "CLAIMED")
