@@ -35,7 +35,7 @@ def check_submit_rate(deps, who: Principal) -> dict[str, str]:
     return headers
 
 
-def check_concurrency(session: Session, who: Principal) -> None:
+def check_concurrency(session: Session, who: Principal, rate_headers: dict[str, str] | None = None) -> None:
     """Refuse a run past the plan's runs in flight. Call inside the insert's transaction.
 
     The tenant's fence (taken here if the caller has not) serialises one
@@ -52,5 +52,6 @@ def check_concurrency(session: Session, who: Principal) -> None:
         raise RateLimited(
             f"Plan {who.plan_id!r} allows {who.max_concurrent_runs} runs in flight; wait for one to finish.",
             retry_after_sec=CONCURRENCY_RETRY_AFTER_SEC,
+            headers=rate_headers,  # this submission was counted: say where the minute stands
             limit="concurrency",
         )

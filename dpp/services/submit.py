@@ -81,7 +81,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             if earlier is not None:
                 return Submitted(earlier, replayed=True)
             rate_headers = limits.check_submit_rate(deps, principal)
-            limits.check_concurrency(session, principal)
+            limits.check_concurrency(session, principal, rate_headers)
             ledger.hold(deps, session, principal.tenant_id, run_id, sub.max_cost_micros)
             held = True
             fault_point("after_reserve")

@@ -231,10 +231,10 @@ def test_every_documented_status_conforms_on_real_data(fuzz_client, clean):
     _, limited_key = make_tenant(clean, "test-fuzz-rate1")
     statuses = []
     for i in range(3):  # the window is fixed: of three, at least one lands after the first in a window
+        # Valid ones: only a submission that passes validation is counted (docs/api.md).
         method_case = schema["/v1/runs"]["POST"].Case(
-            headers={"Idempotency-Key": f"c-rate-{i}"}, body={**body, "max_cost_usd": "nope"},
-            media_type="application/json")
+            headers={"Idempotency-Key": f"c-rate-{i}"}, body=body, media_type="application/json")
         response = method_case.call_and_validate(
             base_url=base, session=session, headers={"Authorization": f"Bearer {limited_key}"}, checks=CHECKS)
         statuses.append(response.status_code)
-    assert 429 in statuses and set(statuses) <= {422, 429}, statuses
+    assert 429 in statuses and set(statuses) <= {201, 429}, statuses
