@@ -8,6 +8,7 @@ import click
 
 from dpp import client_cli
 from dpp.bootstrap import deps
+from dpp.domain.keys import PREFIX as KEY_PREFIX
 from dpp.domain.errors import DppError, InvalidMoney
 from dpp.domain.money import format_usd, parse_usd
 
@@ -136,8 +137,10 @@ def key_revoke(api_key: str | None, key_id: int | None, prefix: str | None) -> N
             _fail("no such active key")
         click.echo("key revoked")
         return
-    if prefix is not None and len(prefix) < 6:
-        _fail("--prefix needs at least 6 characters")
+    if prefix is not None and len(prefix) < len(KEY_PREFIX) + 4:
+        # Every key starts with the same "dpp_live_": fewer characters past it match
+        # too many keys to name one.
+        _fail(f"--prefix needs at least {len(KEY_PREFIX) + 4} characters (as `dpp key list` shows them)")
     try:
         info = tenants.revoke_key_by(deps(), key_id=key_id, prefix=prefix)
     except tenants.AmbiguousKey as exc:
@@ -348,7 +351,7 @@ def admissions_status() -> None:
     """The holds in force: the platform's pause and each frozen tenant."""
     from dpp.services import admissions as service
 
-    held = service.holds(deps())
+    held = service.closed(deps())
     if not held:
         click.echo("admissions open; no tenant frozen")
     for h in held:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from dpp import telemetry
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 _TEXT_FIELDS = ("trace_id", "run_id", "tenant_id")
+
+# Where CRITICAL money alerts are routed (the `alert_channel` field of the log line).
+ALERT_CHANNEL = os.environ.get("DPP_ALERT_CHANNEL", "payments-oncall")
 
 
 def _fields(record: logging.LogRecord) -> dict:

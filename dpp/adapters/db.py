@@ -54,18 +54,18 @@ def bound_waits(seconds: float) -> None:
     import psycopg2
     from psycopg2 import extensions
 
+    events = {extensions.POLL_READ: select.POLLIN, extensions.POLL_WRITE: select.POLLOUT}
+
     def wait(conn) -> None:
         while True:
             state = conn.poll()
             if state == extensions.POLL_OK:
                 return
-            if state == extensions.POLL_READ:
-                ready = select.select([conn.fileno()], [], [], seconds)[0]
-            elif state == extensions.POLL_WRITE:
-                ready = select.select([], [conn.fileno()], [], seconds)[1]
-            else:
+            if state not in events:
                 raise psycopg2.OperationalError(f"bad state from poll: {state!r}")
-            if not ready:
+            poller = select.poll()  # not select(): it cannot watch a descriptor >= 1024
+            poller.register(conn.fileno(), events[state] | select.POLLERR | select.POLLHUP)
+            if not poller.poll(seconds * 1000):
                 raise psycopg2.OperationalError(f"PostgreSQL did not answer within {seconds:g} s")
 
     extensions.set_wait_callback(wait if seconds > 0 else None)

@@ -8,7 +8,8 @@ adapters know the drivers' exception types; the API asks `dependency_of`.
 from __future__ import annotations
 
 import redis.exceptions as redis_errors
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from sqlalchemy import exc as sa_errors
 
 from dpp.domain.errors import DependencyUnavailable
@@ -24,19 +25,21 @@ _REDIS_OUTAGES = (
     redis_errors.TryAgainError,
     redis_errors.ClusterDownError,
     redis_errors.ClusterError,
-    redis_errors.RedisClusterException,
     redis_errors.SlotNotCoveredError,
     redis_errors.MovedError,
     redis_errors.AskError,
     redis_errors.MaxConnectionsError,
 )
-# Replies redis-py does not map to a class of its own (older servers, proxies).
-_REDIS_OUTAGE_PREFIXES = ("OOM", "READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "MISCONF",
-                          "NOREPLICAS", "BUSY")
+# Not RedisClusterException: redis-py raises it client-side for keys of several
+# slots in one call (CROSSSLOT), a bug that no retry mends.
+# Replies redis-py does not map to a class of its own (older servers, proxies);
+# "BUSY " with its space: BUSYKEY is a bug, a busy script is not.
+_REDIS_OUTAGE_PREFIXES = ("OOM ", "READONLY ", "LOADING ", "MASTERDOWN ", "CLUSTERDOWN ", "TRYAGAIN ", "MISCONF ",
+                          "NOREPLICAS ", "BUSY ")
 
 # PostgreSQL SQLSTATE classes and codes that say "not now", not "never".
 _PG_OUTAGE_CLASSES = ("08", "53", "57")  # connection, insufficient resources, operator intervention
-_PG_OUTAGE_CODES = {"25006", "40001", "40P01", "55P03", "57014"}  # read-only, serialization, deadlock, lock, cancel
+_PG_OUTAGE_CODES = {"25006", "55P03", "57014"}  # read-only transaction, lock not available, query canceled
 
 _AWS_RETRYABLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
                         "InternalError", "RequestThrottled", "TooManyRequestsException"}
@@ -72,11 +75,15 @@ def aws_outage(exc: BaseException) -> bool:
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return status >= 500 or error.get("Code") in _AWS_RETRYABLE_CODES
-    return isinstance(exc, BotoCoreError)  # no answer at all: connect, read, closed connection
+    # No answer at all (connect, read, a closed connection); not the BotoCoreErrors
+    # that are our own configuration (no credentials, no region, bad parameters).
+    return isinstance(exc, (BotoConnectionError, HTTPClientError))
 
 
 def dependency_of(exc: BaseException) -> str | None:
-    """"redis", "database" or "aws" if `exc` (or what it was raised from) is an outage."""
+    """"redis", "database" or "aws" if `exc` is an outage, or was raised from one
+    (`raise … from`, explicitly): an error merely raised while handling an outage
+    may be a bug of its own, and stays a 500 with its traceback logged."""
     seen = 0
     while exc is not None and seen < 5:
         if redis_outage(exc):
@@ -85,5 +92,5 @@ def dependency_of(exc: BaseException) -> str | None:
             return "database"
         if aws_outage(exc):
             return "aws"
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+        exc, seen = exc.__cause__, seen + 1
     return None

@@ -239,12 +239,12 @@ class AdmissionRepository:
     def all(self) -> list[orm.AdmissionHold]:
         return list(self.session.execute(select(orm.AdmissionHold).order_by(orm.AdmissionHold.scope)).scalars())
 
-    def hold(self, scope: str, kind: str, reason: str, operator: str) -> bool:
-        """True if this made the hold (False: one was already there, kept as it was)."""
+    def close(self, scope: str, kind: str, reason: str, operator: str) -> bool:
+        """True if this closed the scope (False: it was closed already, kept as it was)."""
         stmt = insert(orm.AdmissionHold).values(scope=scope, kind=kind, reason=reason, operator=operator)
         return self.session.execute(stmt.on_conflict_do_nothing(index_elements=["scope"])).rowcount == 1
 
-    def release(self, scope: str) -> orm.AdmissionHold | None:
+    def reopen(self, scope: str) -> orm.AdmissionHold | None:
         row = self.get(scope)
         if row is not None:
             self.session.delete(row)

@@ -13,6 +13,7 @@ the run in between, the write matches no row and the caller lost the race.
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -222,3 +223,12 @@ def reconcile_refusal(run: RunSnapshot, *, now: datetime, threshold: timedelta) 
 def mark_audit_required(run: RunSnapshot, *, reason: str) -> Changes:
     """A contradiction nobody may silently fix: flag it and keep the money where it is."""
     return {"money_state": MoneyState.AUDIT_REQUIRED, "error_message": reason[:500]}
+
+
+def is_run_id(value: str) -> bool:
+    """A run id is a UUID; anything else (a hold key written by hand, a typo) is not."""
+    try:
+        uuid.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True

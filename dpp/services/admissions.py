@@ -19,11 +19,10 @@ import logging
 from dpp import metrics
 from dpp.adapters.repository import PLATFORM, AdmissionRepository, tenant_scope
 from dpp.domain.errors import AdmissionsClosed
+from dpp.logs import ALERT_CHANNEL
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_SEC = 60  # a pause or a freeze is a human's to lift: minutes, not seconds
-ALERT_CHANNEL = "money-integrity"
 SYSTEM = "dpp"  # the operator recorded for an automatic freeze
 
 
@@ -37,7 +36,7 @@ def check(session, tenant_id: str) -> None:
 def pause(deps, *, reason: str, operator: str) -> bool:
     """Pause the platform's admissions; False if already paused (the first reason stays)."""
     with deps.db.transaction() as session:
-        made = AdmissionRepository(session).hold(PLATFORM, "pause", reason, operator)
+        made = AdmissionRepository(session).close(PLATFORM, "pause", reason, operator)
     log.warning("admissions paused" if made else "admissions already paused",
                 extra={"reason": reason, "operator": operator})
     return made
@@ -46,7 +45,7 @@ def pause(deps, *, reason: str, operator: str) -> bool:
 def resume(deps, *, reason: str, operator: str) -> bool:
     """Take submissions again; False if they were not paused."""
     with deps.db.transaction() as session:
-        released = AdmissionRepository(session).release(PLATFORM)
+        released = AdmissionRepository(session).reopen(PLATFORM)
     if released is not None:
         log.warning("admissions resumed", extra={"reason": reason, "operator": operator,
                                                  "paused_for": released.reason, "paused_by": released.operator})
@@ -56,7 +55,7 @@ def resume(deps, *, reason: str, operator: str) -> bool:
 def freeze_tenant(session, tenant_id: str, reason: str, operator: str = SYSTEM) -> bool:
     """Freeze a tenant's admissions, in the caller's transaction (the one that found
     the alarm, so the two commit together). True if this froze it; a CRITICAL alert."""
-    made = AdmissionRepository(session).hold(tenant_scope(tenant_id), "freeze", reason[:2000], operator)
+    made = AdmissionRepository(session).close(tenant_scope(tenant_id), "freeze", reason[:2000], operator)
     if made:
         log.critical("tenant admissions frozen: %s", reason, extra={
             "tenant_id": tenant_id, "alert_channel": ALERT_CHANNEL, "reason": reason, "operator": operator})
@@ -66,14 +65,14 @@ def freeze_tenant(session, tenant_id: str, reason: str, operator: str = SYSTEM) 
 
 def unfreeze_tenant(deps, tenant_id: str, *, reason: str, operator: str) -> bool:
     with deps.db.transaction() as session:
-        released = AdmissionRepository(session).release(tenant_scope(tenant_id))
+        released = AdmissionRepository(session).reopen(tenant_scope(tenant_id))
     if released is not None:
         log.warning("tenant admissions unfrozen", extra={
             "tenant_id": tenant_id, "reason": reason, "operator": operator, "frozen_for": released.reason})
     return released is not None
 
 
-def holds(deps) -> list[dict]:
+def closed(deps) -> list[dict]:
     """Every hold in force, for /readyz, `dpp admissions status` and the gauges."""
     with deps.db.transaction() as session:
         rows = AdmissionRepository(session).all()

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 
 from dpp.adapters import orm
+from dpp.domain.runs import is_run_id
 from dpp.services import ledger
 
 READ_ATTEMPTS = 5
@@ -45,7 +46,8 @@ class AuditReport:
     runs_checked: int = 0
     violations: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
-    drifting: set[str] = field(default_factory=set)  # tenants with a violation (not a pending repair)
+    # Tenants with a violation other than a run already marked AUDIT_REQUIRED.
+    drifting: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -63,7 +65,7 @@ def audit(deps, tenant_ids: list[str] | None = None, *, check_redis: bool = True
         report.tenants_checked += 1
         before = len(report.violations)
         _tenant(deps, tenant_id, report, check_redis, full)
-        if len(report.violations) > before:
+        if any(not _flagged(v) for v in report.violations[before:]):
             report.drifting.add(tenant_id)
     if quiescent:  # after the bound nothing may still be on its way
         report.violations += [f"still pending: {p}" for p in report.pending]
@@ -83,7 +85,7 @@ def _tenant(deps, tenant_id: str, report: AuditReport, check_redis: bool, full: 
                 view = _mirror_read(deps, tenant_id, runs)
                 # A hold of a run settled before the checkpoint (a stale hold) is
                 # judged like any other: read that run too, in the same snapshot.
-                unknown = {m for m in set(view.members) - runs.keys() if _is_uuid(m)}
+                unknown = {m for m in set(view.members) - runs.keys() if is_run_id(m)}
                 if unknown:
                     runs.update(_runs(session, tenant_id, found, ids=unknown))
         if view is None or ledger.version_now(deps, tenant_id) == version:
@@ -93,7 +95,11 @@ def _tenant(deps, tenant_id: str, report: AuditReport, check_redis: bool, full: 
         view = None
         found.pending.append(f"{tenant_id}: the ledger moved during each of {READ_ATTEMPTS} reads; "
                              "invariant 3 not judged this time")
-    if not found.violations and (since != saved or summed.transfer_id > since.transfer_id or full):
+    # A run already marked AUDIT_REQUIRED stays a violation until a person settles
+    # it, but it froze its tenant when marked and, unsettled, is read by every
+    # audit anyway: it neither blocks the checkpoint nor counts as new drift.
+    sound = not any(not _flagged(v) for v in found.violations)
+    if sound and (since != saved or summed.transfer_id > since.transfer_id or full):
         # Sound up to here: the next audit starts from this point (an audit from
         # zero replaces whatever checkpoint there was).
         ledger.save_checkpoint(deps, tenant_id, summed, replace=not since.transfer_id)
@@ -184,12 +190,9 @@ def _runs(session, tenant_id: str, report: AuditReport, ids=None) -> dict:
     return runs
 
 
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False  # not a run id at all: judged as a hold nobody recorded
-    return True
+def _flagged(violation: str) -> bool:
+    """A run marked AUDIT_REQUIRED: known, alerted, waiting for a person."""
+    return violation.endswith(": AUDIT_REQUIRED")
 
 
 def _mirror_read(deps, tenant_id: str, runs: dict):

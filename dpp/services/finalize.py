@@ -9,11 +9,10 @@ a crash at any point and get the same single settlement.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-from dpp import metrics
+from dpp import logs, metrics
 from dpp.adapters.repository import RunRepository, record_usage, snapshot, utcnow
 from dpp.adapters.results import result_key
 from dpp.domain import proof
@@ -28,7 +27,7 @@ from dpp.services import admissions, ledger
 
 log = logging.getLogger(__name__)
 
-ALERT_CHANNEL = os.environ.get("DPP_ALERT_CHANNEL", "payments-oncall")
+ALERT_CHANNEL = logs.ALERT_CHANNEL  # re-exported: the sweeps and the tests read it here
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ import os
 
 from sqlalchemy import text
 
+from dpp.adapters.repository import PLATFORM
 from dpp.services import admissions
 
 BILLING_SECRETS = ("DPP_SIGNING_KEY",)
@@ -45,8 +46,8 @@ def readiness(deps) -> tuple[bool, dict[str, str]]:
     # Shown, never a reason to be unready: a paused platform still serves reads and
     # its runs in flight, so its pods must stay in the load balancer.
     try:
-        held = admissions.holds(deps)
-        paused = next((h for h in held if h["scope"] == "platform"), None)
+        held = admissions.closed(deps)
+        paused = next((h for h in held if h["scope"] == PLATFORM), None)
         services["admissions"] = f"paused: {paused['reason']}" if paused else "open"
         services["tenants_frozen"] = str(sum(h["kind"] == "freeze" for h in held))
     except Exception as exc:  # the database check above already says why

@@ -5,7 +5,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dpp.adapters import orm
-from dpp.adapters.repository import fence_tenant
 from dpp.domain.errors import RateLimited
 from dpp.services.tenants import Principal
 
@@ -36,13 +35,10 @@ def check_submit_rate(deps, who: Principal) -> dict[str, str]:
 
 
 def check_concurrency(session: Session, who: Principal, rate_headers: dict[str, str] | None = None) -> None:
-    """Refuse a run past the plan's runs in flight. Call inside the insert's transaction.
-
-    The tenant's fence (taken here if the caller has not) serialises one
-    tenant's inserts for the length of that short transaction, so two
-    submissions cannot both see room for one more.
+    """Refuse a run past the plan's runs in flight. Call inside the insert's transaction,
+    after `fence_tenant`: the fence serialises one tenant's inserts for the length of
+    that short transaction, so two submissions cannot both see room for one more.
     """
-    fence_tenant(session, who.tenant_id)
     active = session.execute(
         select(func.count())
         .select_from(orm.Run)

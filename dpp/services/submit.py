@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from dpp import metrics
 from dpp.adapters import orm
+from dpp.adapters.outages import database_outage
 from dpp.adapters.repository import RunRepository, fence_tenant
 from dpp.domain.canonical import sha256_hex
 from dpp.domain.errors import (
@@ -60,7 +61,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
     refused for money or held a second time (issue 14)."""
     digest = payload_hash(sub)
     run_id = str(uuid.uuid4())
-    held = False
+    held = written = False
     try:
         # One transaction from the idempotency lookup to the insert: a submission
         # costs one pool checkout and one commit (profiled: each is a round trip).
@@ -68,7 +69,6 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             earlier = _earlier_in(session, principal.tenant_id, idempotency_key, digest)
             if earlier is not None:
                 return Submitted(earlier, replayed=True)
-            admissions.check(session, principal.tenant_id)  # paused platform, frozen tenant: 503
             pack, inputs = _admit(deps, principal, sub)
             # The tenant's fence: it serialises the tenant's submissions to their
             # commit. A first request with this key that was in flight has
@@ -80,6 +80,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             earlier = _earlier_in(session, principal.tenant_id, idempotency_key, digest)
             if earlier is not None:
                 return Submitted(earlier, replayed=True)
+            admissions.check(session, principal.tenant_id)  # paused platform, frozen tenant: 503
             rate_headers = limits.check_submit_rate(deps, principal)
             limits.check_concurrency(session, principal, rate_headers)
             ledger.hold(deps, session, principal.tenant_id, run_id, sub.max_cost_micros)
@@ -100,6 +101,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             )
             RunRepository(session).add(run)  # server defaults come back in the INSERT's RETURNING
             ledger.record_reservation(session, principal.tenant_id, run_id, sub.max_cost_micros)
+            written = True  # what fails from here on is the COMMIT itself
     except IntegrityError as exc:
         ledger.unhold(deps, principal.tenant_id, run_id)
         if "available_nonneg" in str(exc.orig):
@@ -115,7 +117,16 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             raise DependencyUnavailable("database", "idempotency race") from exc
         return Submitted(earlier, replayed=True)
     except BaseException as exc:
-        if held:
+        if held and written and database_outage(exc):
+            # The COMMIT's outcome is unknown: the server may have committed before
+            # the connection died (or before the API stopped waiting for it). Giving
+            # the hold back now could hand the same money out twice if the run is in
+            # the ledger; the orphan sweep judges the hold under the tenant's fence
+            # once its grace is past (the run there, or not), and a committed run
+            # that was never published is re-driven by the stale-queued sweep.
+            log.warning("submission's commit outcome unknown; its hold is left to the orphan sweep",
+                        extra={"run_id": run_id, "tenant_id": principal.tenant_id})
+        elif held:
             ledger.unhold(deps, principal.tenant_id, run_id)
         if isinstance(exc, SQLAlchemyError):
             raise DependencyUnavailable("database", type(exc).__name__) from exc

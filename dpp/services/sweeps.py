@@ -26,7 +26,7 @@ from dpp.adapters.repository import RunRepository, fence_tenant, snapshot, utcno
 from dpp.adapters.results import result_key
 from dpp.domain import runs as machine
 from dpp.domain.errors import DependencyUnavailable, InvalidTransition
-from dpp.domain.runs import ErrorCode, FinalizeStage, MoneyState, RunStatus
+from dpp.domain.runs import ErrorCode, FinalizeStage, MoneyState, RunStatus, is_run_id
 from dpp.faults import fault_point
 from dpp.services import admissions, finalize, ledger
 from dpp.services.finalize import ALERT_CHANNEL, flag_audit_required
@@ -273,7 +273,7 @@ def release_orphan_holds(deps) -> SweepReport:
     for tenant_id, run_ids in candidates.items():
         with deps.db.transaction() as session:
             fence_tenant(session, tenant_id)
-            ids = [uuid.UUID(r) for r in run_ids if _is_uuid(r)]
+            ids = [uuid.UUID(r) for r in run_ids if is_run_id(r)]
             rows = {
                 str(run_id): (money_state, charged)
                 for run_id, money_state, charged in session.execute(
@@ -325,14 +325,6 @@ def restore_mirrors(deps, *, force: bool = False) -> dict:
         log.warning("redis lost its data: %d tenant budget mirrors rebuilt from the ledger", len(restored),
                     extra={"restored": len(restored), "tenants": len(tenant_ids)})
     return {"redis_data_lost": lost, "restored": restored}
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-        return True
-    except ValueError:
-        return False
 
 
 def purge_expired_results(deps) -> SweepReport:

@@ -40,7 +40,7 @@ def test_drift_found_by_the_audit_freezes_that_tenant_only(clean, dpp_cli, caplo
     with caplog.at_level("CRITICAL", logger="dpp.services.admissions"):
         result = sweeps.audit_budgets(clean)
     assert result["frozen"] == [drifting] and not result["ok"]
-    assert any("tenant admissions frozen" in r.getMessage() and r.alert_channel == "money-integrity"
+    assert any("tenant admissions frozen" in r.getMessage() and r.alert_channel == finalize.ALERT_CHANNEL
                for r in caplog.records)
     with pytest.raises(AdmissionsClosed) as refused:
         submit(clean, key)
@@ -68,7 +68,7 @@ def test_a_run_marked_audit_required_freezes_its_tenant_in_the_same_transaction(
     finalize.flag_audit_required(clean, run_id, "test: the ledger and S3 disagree")
     with pytest.raises(AdmissionsClosed):
         submit(clean, key)
-    held = {h["scope"]: h for h in admissions.holds(clean)}
+    held = {h["scope"]: h for h in admissions.closed(clean)}
     assert held[f"tenant:{tenant_id}"]["reason"].startswith(f"run {run_id} AUDIT_REQUIRED")
 
 

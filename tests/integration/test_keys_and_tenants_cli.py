@@ -50,11 +50,14 @@ def test_keys_are_listed_and_revoked_by_id_or_prefix_never_shown(clean, dpp_cli)
 
 
 def test_a_prefix_matching_several_keys_revokes_none(clean, dpp_cli):
+    from dpp.adapters import orm
+
     tenant_id, first = make_tenant(clean)
-    tenants.issue_key(clean, tenant_id)
-    shared = "dpp_"  # every key starts so; refused as too short before anything is looked up
-    assert dpp_cli("key", "revoke", "--prefix", shared).exit_code == 2
-    result = dpp_cli("key", "revoke", "--prefix", first[:6])
+    with clean.db.transaction() as session:  # a second key whose shown prefix is the same (rare, possible)
+        session.add(orm.ApiKey(tenant_id=tenant_id, key_hash="0" * 64, display_prefix=display_prefix(first)))
+    too_short = dpp_cli("key", "revoke", "--prefix", first[:10])  # "dpp_live_" + 1: names no key
+    assert too_short.exit_code == 2 and "at least" in too_short.stderr
+    result = dpp_cli("key", "revoke", "--prefix", display_prefix(first))
     assert result.exit_code == 2 and "several active keys match" in result.stderr, result.output
     assert all(k.revoked_at is None for k in tenants.list_keys(clean, tenant_id))
 

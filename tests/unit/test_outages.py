@@ -2,7 +2,7 @@
 import psycopg2
 import pytest
 import redis.exceptions as r
-from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 from sqlalchemy import exc as sa
 
 from dpp.adapters.outages import dependency_of
@@ -55,6 +55,10 @@ def test_outages_are_named(exc, dependency):
     sa.IntegrityError("INSERT", {}, _PgError("23505")),
     _s3(403, "AccessDenied"),
     _s3(404, "NoSuchKey"),
+    r.RedisClusterException("Keys in request don't hash to the same slot"),  # CROSSSLOT: ours
+    r.ResponseError("BUSYKEY Target key name already exists."),
+    NoCredentialsError(),
+    _db("40P01"),  # deadlock: a bug in our lock order, not an outage
     ValueError("x"),
     KeyError("y"),
 ])
@@ -70,6 +74,16 @@ def test_an_outage_found_only_in_the_cause_is_still_one():
             raise RuntimeError("while authenticating") from inner
     except RuntimeError as outer:
         assert dependency_of(outer) == "redis"
+
+
+def test_a_bug_raised_while_handling_an_outage_stays_a_bug():
+    try:
+        try:
+            raise r.ConnectionError("refused")
+        except r.ConnectionError:
+            raise KeyError("a bug in the handler")  # noqa: B904 - the point of the test
+    except KeyError as bug:
+        assert bug.__context__ is not None and dependency_of(bug) is None
 
 
 @pytest.mark.parametrize("exc", [
