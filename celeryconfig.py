@@ -130,6 +130,7 @@ beat_schedule = {
     "release-orphan-holds": {"task": "dpp.release_orphan_holds", "schedule": float(_s.reaper_interval_sec)},
     "purge-expired-results": {"task": "dpp.purge_expired_results", "schedule": 3600.0},
     "audit-budgets": {"task": "dpp.audit_budgets", "schedule": float(_s.audit_interval_sec)},
+    "audit-full": {"task": "dpp.audit_full", "schedule": float(_s.audit_full_interval_sec)},
     "record-queue-depth": {"task": "dpp.record_queue_depth", "schedule": 15.0},
     "sweep-broker": {"task": "dpp.sweep_broker", "schedule": 300.0},
 }

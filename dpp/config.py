@@ -115,6 +115,8 @@ class Settings:
     redrive_attempts: int = 3
     orphan_hold_grace_sec: int = 120
     audit_interval_sec: int = 300
+    # The audit from the first transfer, past the checkpoints (dpp/services/audit.py).
+    audit_full_interval_sec: int = 86400
     # How often the scheduling beat checks that Redis still has its data (one GET),
     # and restores every tenant's mirror when it does not (docs/CHAOS.md bounds).
     mirror_watch_interval_sec: float = 1.0
@@ -175,6 +177,7 @@ class Settings:
             redrive_attempts=max(1, _int(env, "REAPER_REDRIVE_ATTEMPTS", cls.redrive_attempts)),
             orphan_hold_grace_sec=_int(env, "REAPER_ORPHAN_HOLD_GRACE_SEC", cls.orphan_hold_grace_sec),
             audit_interval_sec=_int(env, "AUDIT_INTERVAL_SEC", cls.audit_interval_sec),
+            audit_full_interval_sec=_int(env, "AUDIT_FULL_INTERVAL_SEC", cls.audit_full_interval_sec),
             mirror_watch_interval_sec=float(env.get("MIRROR_WATCH_INTERVAL_SEC") or cls.mirror_watch_interval_sec),
             reconcile_interval_sec=_int(env, "RECONCILE_INTERVAL_SEC", cls.reconcile_interval_sec),
             reconcile_threshold_min=_float(env, "RECONCILE_THRESHOLD_MIN", cls.reconcile_threshold_min),

@@ -51,6 +51,11 @@ def audit_budgets() -> dict:
     return sweeps.audit_budgets(deps())
 
 
+@app.task(name="dpp.audit_full")
+def audit_full() -> dict:
+    return sweeps.audit_budgets(deps(), full=True)
+
+
 @app.task(name="dpp.record_queue_depth")
 def record_queue_depth() -> dict:
     return sweeps.record_queue_depth(deps())

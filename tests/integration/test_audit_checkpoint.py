@@ -178,3 +178,18 @@ def test_a_hold_of_a_run_settled_before_the_checkpoint_is_still_recognised(clean
     assert any(f"{run_id}: Redis still holds 80000 for a settled run" in p for p in report.pending), report
     assert report.ok, report.violations
     deps.budget.settle(tenant_id, run_id, 0, reserved_micros=80_000)  # the orphan sweep's job, by hand
+
+
+def test_a_run_row_gone_wrong_without_a_transfer_is_found_by_the_full_audit(clean):
+    """The checkpointed audit reads runs with a transfer since, or not settled; a
+    settled run whose row changed without a transfer is the daily full audit's."""
+    from dpp.services import sweeps
+
+    tenant_id, _ = audited_tenant(clean, runs=2)
+    with clean.db.transaction() as session:
+        session.execute(text("UPDATE runs SET reserved_micros = reserved_micros + 1 "
+                             "WHERE id = (SELECT id FROM runs WHERE tenant_id = :t LIMIT 1)"), {"t": tenant_id})
+    assert audit(clean, [tenant_id]).ok  # not among the runs it reads
+    full = sweeps.audit_budgets(clean, full=True)
+    assert not full["ok"] and any("RESERVE" in v for v in full["violations"]), full
+    assert full["frozen"] == [tenant_id]
