@@ -107,6 +107,16 @@ def make_tenant(deps, plan: str = "pro", topup_micros: int = 10_000_000) -> tupl
     return tenant_id, key
 
 
+def submit_decision(deps, key: str, idem: str | None = None, cap_micros: int = 80_000) -> str:
+    """A decision run submitted through the service (no HTTP, no worker): its run id."""
+    from dpp.services import tenants
+    from dpp.services.submit import Submission, submit_run
+    from tests.support.inputs import DECISION
+
+    sub = Submission("decision", DECISION, cap_micros, "")
+    return str(submit_run(deps, tenants.authenticate(deps, key), idem or uuid.uuid4().hex, sub, "test").run.id)
+
+
 def make_plan(deps, plan_id: str, **overrides) -> str:
     """A test plan: the pro plan's values with `overrides` (test-only plans)."""
     from dpp.adapters.repository import TenantRepository

@@ -13,6 +13,8 @@ import json
 
 from flask import Request
 from flask.json.provider import DefaultJSONProvider
+from webargs import core
+from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import BadRequest
 
 # Deeper than any pack's inputs need (the decision pack's are 4 levels), far
@@ -61,3 +63,14 @@ class StrictRequest(Request):
         if e is None:  # get_json() on a body that is not application/json
             raise BadRequest("The body is not application/json.")
         raise BadRequest(f"The body is not valid JSON: {e}") from e
+
+
+class BodyParser(FlaskParser):
+    """webargs (flask-smorest's `@blp.arguments`) reads the body through the app's
+    strict parser too: parsed once, cached by Flask, instead of a second, lenient
+    `json.loads` of the same bytes that would accept what the first refused."""
+
+    def _raw_load_json(self, req):
+        if not is_json_request(req):
+            return core.missing
+        return req.get_json()

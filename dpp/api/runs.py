@@ -6,6 +6,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 
 from dpp.api import schemas
+from dpp.api.body import BodyParser
 from dpp.api.context import require_principal
 from dpp.bootstrap import deps
 from dpp.domain.errors import RunNotFound
@@ -13,6 +14,7 @@ from dpp.services import runs_query
 from dpp.services.submit import Submission, submit_run
 
 blp = Blueprint("runs", __name__, url_prefix="/v1/runs", description="Paid runs of packs")
+blp.ARGUMENTS_PARSER = BodyParser()  # before the @blp.arguments below read it
 
 _KEY_CHARS = set(chr(c) for c in range(0x20, 0x7F))  # printable ASCII, space included (SPEC §4)
 

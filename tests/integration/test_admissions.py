@@ -6,7 +6,6 @@ found; the tenant went on taking money in.
 """
 from __future__ import annotations
 
-import uuid
 
 import pytest
 from click.testing import CliRunner
@@ -14,15 +13,9 @@ from click.testing import CliRunner
 from dpp import cli
 from dpp.domain.errors import AdmissionsClosed
 from dpp.domain.runs import ErrorCode
-from dpp.services import admissions, finalize, sweeps, tenants
-from dpp.services.submit import Submission, submit_run
+from dpp.services import admissions, finalize, sweeps
 from tests.conftest import assert_invariants, make_tenant
-from tests.support.inputs import DECISION
-
-
-def submit(deps, key: str, idem: str | None = None) -> str:
-    sub = Submission("decision", DECISION, 80_000, "")
-    return str(submit_run(deps, tenants.authenticate(deps, key), idem or uuid.uuid4().hex, sub, "admissions").run.id)
+from tests.conftest import submit_decision as submit
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ locking the balance row before it takes an id.
 from __future__ import annotations
 
 import threading
-import uuid
 
 from sqlalchemy import select, text
 
@@ -18,17 +17,10 @@ from dpp.adapters import orm
 from dpp.adapters.budget import receipt_key
 from dpp.domain.ledger import Account, Transfer, TransferKind
 from dpp.domain.runs import ErrorCode
-from dpp.services import finalize, ledger, tenants
+from dpp.services import finalize, ledger
 from dpp.services.audit import audit
-from dpp.services.submit import Submission, submit_run
 from tests.conftest import assert_invariants, make_tenant
-from tests.support.inputs import DECISION
-
-
-def submit(deps, key: str) -> str:
-    who = tenants.authenticate(deps, key)
-    sub = Submission("decision", DECISION, 80_000, "")
-    return str(submit_run(deps, who, uuid.uuid4().hex, sub, "checkpoint").run.id)
+from tests.conftest import submit_decision as submit
 
 
 def saved(deps, tenant_id: str) -> ledger.Checkpoint:
