@@ -6,10 +6,14 @@ what a power cut or the OOM killer does. Two ways to arm one:
 - `DPP_FAULT_TOKENS=<dir>`: once per token file `<dir>/<point>.<n>` — the
   process that manages to delete one dies, so a restarted process does not die
   again (the chaos runner arms one token per trial, several trials at once).
+  A token armed with a scope (a tenant) is taken only where that tenant's money
+  or run passes the point: under other tenants' traffic the fault lands on the
+  trial's own tenant, whose recovery the judge then times against the bound.
 Unset (production), a point costs one frozenset lookup and one None check.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 
@@ -25,6 +29,7 @@ POINTS = (
     "after_ledger_commit",    # COMMITTED, task not acknowledged
     "sweep_between_read_and_write",
     "orphan_sweep_between_read_and_write",
+    "rebuild_between_read_and_write",  # tenant fenced, ledger read, Redis not yet restored
 )
 
 _active = frozenset(p.strip() for p in os.environ.get("DPP_FAULTS", "").split(",") if p.strip())
@@ -36,13 +41,15 @@ if unknown:
 _tokens = os.environ.get("DPP_FAULT_TOKENS") or None
 
 
-def fault_point(name: str) -> None:
+def fault_point(name: str, *scopes: str) -> None:
+    """`scopes`: the tenants whose money passes this point here (a sweep's batch may
+    carry several); a scoped token fires only for one of them, an unscoped one always."""
     if name in _active:
         os.kill(os.getpid(), signal.SIGKILL)
     if _tokens is not None:
-        prefix = name + "."
+        prefixes = (name + ".", *(_scoped(name, scope) for scope in scopes))
         for token in os.listdir(_tokens):
-            if token.startswith(prefix):
+            if token.startswith(prefixes):
                 try:
                     os.remove(os.path.join(_tokens, token))  # atomic: one process wins each token
                 except FileNotFoundError:
@@ -50,11 +57,18 @@ def fault_point(name: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
-def arm(tokens_dir: str, name: str) -> str:
-    """Arm one firing of `name` for processes started with DPP_FAULT_TOKENS=tokens_dir."""
+def _scoped(name: str, scope: str) -> str:
+    # Hashed: a tenant id may hold any character, and no id may be a prefix of another's tag.
+    return f"{name}@{hashlib.sha256(str(scope).encode()).hexdigest()[:16]}."
+
+
+def arm(tokens_dir: str, name: str, scope: str | None = None) -> str:
+    """Arm one firing of `name` for processes started with DPP_FAULT_TOKENS=tokens_dir;
+    with `scope`, only where that tenant passes the point."""
     if name not in POINTS:
         raise ValueError(f"unknown fault point {name!r}")
-    token = os.path.join(tokens_dir, f"{name}.{os.urandom(6).hex()}")
+    prefix = name + "." if scope is None else _scoped(name, scope)
+    token = os.path.join(tokens_dir, f"{prefix}{os.urandom(6).hex()}")
     with open(token, "w"):
         pass
     return token

@@ -474,16 +474,22 @@ class Chaos:
     def _act(self, point: str, tenant_id: str, key: str, armed: list, out: Outcome) -> None:
         from dpp import faults
 
+        # Tokens are scoped to the trial's tenant: under load, an unscoped
+        # `after_reserve` was taken by a load agent's submission, and the trial's
+        # tenant, whose recovery the bound is checked on, never saw its fault.
+        def arm(name: str) -> None:
+            armed.append(faults.arm(str(self.tokens), name, scope=tenant_id))
+
         try:
             if point in WORKER_POINTS or point in API_POINTS:
-                armed.append(faults.arm(str(self.tokens), point))
+                arm(point)
                 self.submit(key)
             elif point == "sweep_between_read_and_write":
-                armed.append(faults.arm(str(self.tokens), point))
+                arm(point)
                 self._kill_worker_mid_pack(key, out)
             elif point == "orphan_sweep_between_read_and_write":
-                armed.append(faults.arm(str(self.tokens), "after_reserve"))
-                armed.append(faults.arm(str(self.tokens), point))
+                arm("after_reserve")
+                arm(point)
                 self.submit(key)
             elif point == "worker_sigkill":
                 self._kill_worker_mid_pack(key, out)

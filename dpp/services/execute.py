@@ -39,19 +39,19 @@ def _execute_run(deps, run_id: str, message: tuple[str, str] | None) -> str:
         log.info("message dropped", extra={"run_id": run_id, "reason": token})
         return token
     lease_token = token.removeprefix("lease:")
-    fault_point("after_lease_claim")
+    fault_point("after_lease_claim", row.tenant_id)
 
     # The row as the claim read it: what a run is (pack, inputs, tenant) never changes.
     with telemetry.run_scope("dpp.execute_run", row.trace_id, run_id, row.tenant_id):
         log.info("run started", extra={"pack_type": row.pack_type})
-        return _run_pack(deps, run_id, lease_token, deps.packs.get(row.pack_type), row.inputs, message)
+        return _run_pack(deps, run_id, row.tenant_id, lease_token, deps.packs.get(row.pack_type), row.inputs, message)
 
 
-def _run_pack(deps, run_id: str, lease_token: str, pack, inputs, message) -> str:
+def _run_pack(deps, run_id: str, tenant_id: str, lease_token: str, pack, inputs, message) -> str:
     heartbeat = Heartbeat(deps, run_id, lease_token, message)
     try:
         with heartbeat:
-            result = pack.run(inputs, _progress_writer(deps, run_id, lease_token, heartbeat))
+            result = pack.run(inputs, _progress_writer(deps, run_id, tenant_id, lease_token, heartbeat))
     except PackStopped:
         log.warning("pack stopped: lease lost", extra={"run_id": run_id})
         return LEASE_LOST
@@ -116,7 +116,7 @@ class PackStopped(BaseException):
     """
 
 
-def _progress_writer(deps, run_id: str, lease_token: str, heartbeat: Heartbeat):
+def _progress_writer(deps, run_id: str, tenant_id: str, lease_token: str, heartbeat: Heartbeat):
     # The first write comes once the pack has run for the interval: a pack that
     # ends sooner writes none (COMMIT sets progress 1.0), which saves a fast
     # run two transactions (profiled). Slow packs report every interval.
@@ -128,7 +128,7 @@ def _progress_writer(deps, run_id: str, lease_token: str, heartbeat: Heartbeat):
             raise PackStopped(run_id)
         if first[0]:
             first[0] = False
-            fault_point("mid_pack")
+            fault_point("mid_pack", tenant_id)
         now = time.monotonic()
         if now - last[0] < PROGRESS_MIN_INTERVAL_SEC:
             return

@@ -80,11 +80,11 @@ def envelope(deps, row, result: PackResult, finished_at) -> bytes:
 def complete(deps, run_id: str, lease_token: str, result: PackResult) -> Outcome:
     """CLAIM -> upload -> COMMIT for a pack that finished."""
     row, now = claim(deps, run_id, lease_token)  # now: the finish time the envelope records
-    fault_point("after_finalize_claim")
+    fault_point("after_finalize_claim", row.tenant_id)
     charge = min(result.actual_cost_micros, row.reserved_micros)
     key = result_key(row.tenant_id, run_id)
     deps.results.put(key, envelope(deps, row, result, now), charge)
-    fault_point("after_s3_upload")
+    fault_point("after_s3_upload", row.tenant_id)
     return commit(deps, run_id, RunStatus.COMPLETED, charge, result_key=key)
 
 
@@ -131,7 +131,7 @@ def commit(
         tenant_id, reserved = row.tenant_id, row.reserved_micros
 
     settlement = ledger.settle_in_redis(deps, tenant_id, run_id, reserved, charge_wanted_micros)
-    fault_point("after_redis_settle")
+    fault_point("after_redis_settle", tenant_id)
     if settlement.charge_micros != min(charge_wanted_micros, reserved):
         # Redis already settled this run at another price: two stories about one
         # run's money. Nobody may pick one silently (SPEC §2 invariant 5).
@@ -170,7 +170,7 @@ def commit(
             charged=settlement.charge_micros,
             released=settlement.release_micros,
         )
-    fault_point("after_ledger_commit")
+    fault_point("after_ledger_commit", tenant_id)
     metrics.RUNS_FINISHED.labels(status.value, code.value if code else "").inc()
     metrics.MONEY_CHARGED.inc(settlement.charge_micros)
     metrics.MONEY_RELEASED.inc(settlement.release_micros)

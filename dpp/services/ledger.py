@@ -402,6 +402,6 @@ def rebuild(deps, tenant_id: str, *, session: Session | None = None) -> Balances
             )
         ).all()
     )
-    fault_point("rebuild_between_read_and_write")
+    fault_point("rebuild_between_read_and_write", tenant_id)
     deps.budget.restore(tenant_id, books.available, {str(k): int(v) for k, v in holds.items()})
     return books

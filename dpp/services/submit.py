@@ -85,7 +85,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             limits.check_concurrency(session, principal, rate_headers)
             ledger.hold(deps, session, principal.tenant_id, run_id, sub.max_cost_micros)
             held = True
-            fault_point("after_reserve")
+            fault_point("after_reserve", principal.tenant_id)
             run = orm.Run(
                 id=uuid.UUID(run_id),
                 tenant_id=principal.tenant_id,
@@ -132,7 +132,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             raise DependencyUnavailable("database", type(exc).__name__) from exc
         raise
 
-    fault_point("after_run_row")
+    fault_point("after_run_row", principal.tenant_id)
     try:
         deps.queue.enqueue_run(run_id, trace_id)
     except DependencyUnavailable:
@@ -141,7 +141,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
             raise
         # The publish did reach the queue (only its answer was lost) and a
         # worker has claimed the run: it is live, so answer as a success.
-    fault_point("after_enqueue")
+    fault_point("after_enqueue", principal.tenant_id)
     metrics.RUNS_SUBMITTED.labels(pack.pack_type).inc()
     metrics.MONEY_RESERVED.inc(sub.max_cost_micros)
     log.info("run submitted", extra={"run_id": run_id, "tenant_id": principal.tenant_id,

@@ -64,7 +64,7 @@ def _claim_batch(deps, stmt, transition) -> list[Claimed]:
         repo = RunRepository(session)
         now = utcnow(session)
         rows = list(session.execute(stmt.with_for_update(skip_locked=True)).scalars())
-        fault_point("sweep_between_read_and_write")
+        fault_point("sweep_between_read_and_write", *{row.tenant_id for row in rows})
         for row in rows:
             snap = snapshot(row)
             try:
@@ -280,7 +280,7 @@ def release_orphan_holds(deps) -> SweepReport:
                     select(orm.Run.id, orm.Run.money_state, orm.Run.actual_cost_micros).where(orm.Run.id.in_(ids))
                 )
             }
-            fault_point("orphan_sweep_between_read_and_write")
+            fault_point("orphan_sweep_between_read_and_write", tenant_id)
             for run_id in run_ids:
                 state = rows.get(run_id)
                 if state is None:

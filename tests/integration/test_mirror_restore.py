@@ -90,7 +90,7 @@ def test_r2_a_settle_on_a_wiped_mirror_then_a_rebuild_before_the_ledger_commit(c
     run_id = str(submit_run(clean, tenants.authenticate(clean, key), "r2", sub(), "t").run.id)
     wipe(clean)
 
-    def rebuild_in_the_window(name):
+    def rebuild_in_the_window(name, *scopes):
         if name == "after_redis_settle":
             ledger.rebuild(clean, tenant_id)
 
@@ -110,7 +110,7 @@ def test_a_hold_of_a_settled_run_put_back_by_a_rebuild_is_resettled_by_the_orpha
     tenant_id, key = make_tenant(clean)
     run_id = str(submit_run(clean, tenants.authenticate(clean, key), "r3", sub(), "t").run.id)
 
-    def wipe_and_rebuild(name):
+    def wipe_and_rebuild(name, *scopes):
         if name == "after_redis_settle":
             wipe(clean)
             ledger.rebuild(clean, tenant_id)

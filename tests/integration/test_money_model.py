@@ -107,7 +107,7 @@ class Faults:
 
     armed: str | None = None
 
-    def __call__(self, name: str) -> None:
+    def __call__(self, name: str, *scopes: str) -> None:
         if name == self.armed:
             self.armed = None
             raise Crash(name)
