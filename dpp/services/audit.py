@@ -19,6 +19,13 @@ Redis hold is accounted for — a run the ledger holds, a submission not yet
 recorded (young), an orphan, or a hold of a run the ledger already settled —
 and so is every settlement Redis made before the ledger did (its receipt).
 
+A tenant nothing has moved for since its checkpoint (no transfer after it, no
+run holding money) is confirmed in bulk: one statement for all of them, one
+pipelined read of their mirrors, and one of their balance rows' versions after
+it. Only a tenant whose mirror shows no hold and exactly the ledger's available
+is passed so; anything else is audited alone, as above. So an audit costs
+what moved, not how many tenants there are (4 ms per idle tenant before).
+
 `pending` lists what is expected to mend itself within a documented bound (a
 mirror Redis lost and the watcher has not rebuilt yet, an orphan hold younger
 than the sweep's grace, a tenant too busy to pair a snapshot with): not drift.
@@ -38,6 +45,7 @@ from dpp.domain.runs import is_run_id
 from dpp.services import ledger
 
 READ_ATTEMPTS = 5
+QUIET_BATCH = 1000  # tenants per bulk confirmation: one statement, one pipeline
 
 
 @dataclass
@@ -61,8 +69,11 @@ def audit(deps, tenant_ids: list[str] | None = None, *, check_redis: bool = True
     if tenant_ids is None:
         with deps.db.transaction() as session:
             tenant_ids = list(session.execute(select(orm.Tenant.id).order_by(orm.Tenant.id)).scalars())
+    quiet = set() if full else _quiet(deps, tenant_ids, check_redis)
     for tenant_id in tenant_ids:
         report.tenants_checked += 1
+        if tenant_id in quiet:
+            continue
         before = len(report.violations)
         _tenant(deps, tenant_id, report, check_redis, full)
         if any(not _flagged(v) for v in report.violations[before:]):
@@ -71,6 +82,30 @@ def audit(deps, tenant_ids: list[str] | None = None, *, check_redis: bool = True
         report.violations += [f"still pending: {p}" for p in report.pending]
         report.pending = []
     return report
+
+
+def _quiet(deps, tenant_ids: list[str], check_redis: bool) -> set[str]:
+    """The tenants confirmed sound without a snapshot of their own.
+
+    It never reports: a tenant it cannot confirm (a hold, a mirror that differs or
+    is absent, a ledger that moved meanwhile) is audited alone, which judges it.
+    """
+    quiet: set[str] = set()
+    for start in range(0, len(tenant_ids), QUIET_BATCH):
+        batch = tenant_ids[start:start + QUIET_BATCH]
+        with deps.db.snapshot() as session:
+            idle = ledger.quiet_since_checkpoint(session, batch)
+        if not check_redis:
+            quiet |= idle.keys()
+            continue
+        # Redis after the snapshot, then the versions again: the mirror is paired
+        # with a ledger that did not move while it was read (as `_tenant` does).
+        mirrors = deps.budget.mirror_summaries(sorted(idle))
+        with deps.db.transaction() as session:
+            now = ledger.versions(session, sorted(idle))
+        quiet |= {t for t, (available, version) in idle.items()
+                  if mirrors.get(t) == (available, 0) and now.get(t) == version}
+    return quiet
 
 
 def _tenant(deps, tenant_id: str, report: AuditReport, check_redis: bool, full: bool) -> None:

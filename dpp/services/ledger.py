@@ -119,6 +119,36 @@ def version_now(deps, tenant_id: str) -> str:
         return version(session, tenant_id)
 
 
+# Tenants whose ledger has not moved since a sound audit saved their checkpoint
+# (or who never had a transfer nor a run): the balance row still equals the
+# checkpoint's sums, no transfer came after it, and no run holds money. Index
+# probes per tenant (ix_ledger_transfers_tenant_id, ix_runs_money_unsettled).
+_QUIET = text("""
+SELECT b.tenant_id, b.available_micros, b.xmin::text
+FROM tenant_balances b LEFT JOIN ledger_checkpoints c ON c.tenant_id = b.tenant_id
+WHERE b.tenant_id = ANY(:ids)
+  AND b.funding_micros = coalesce(c.funding_micros, 0) AND b.available_micros = coalesce(c.available_micros, 0)
+  AND b.held_micros = coalesce(c.held_micros, 0) AND b.spent_micros = coalesce(c.spent_micros, 0)
+  AND NOT EXISTS (SELECT 1 FROM ledger_transfers t
+                  WHERE t.tenant_id = b.tenant_id AND t.id > coalesce(c.transfer_id, 0))
+  AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.tenant_id = b.tenant_id
+                  AND (r.money_state <> 'SETTLED' OR c.tenant_id IS NULL))
+""")
+
+
+def quiet_since_checkpoint(session: Session, tenant_ids: list[str]) -> dict[str, tuple[int, str]]:
+    """{tenant_id: (available, balance row version)} for the tenants nothing has moved for."""
+    return {t: (int(a), v) for t, a, v in session.execute(_QUIET, {"ids": list(tenant_ids)})}
+
+
+def versions(session: Session, tenant_ids: list[str]) -> dict[str, str]:
+    """Each tenant's balance row version (see `version`), in one statement."""
+    rows = session.execute(
+        select(orm.TenantBalance.tenant_id, text("xmin::text")).where(orm.TenantBalance.tenant_id.in_(list(tenant_ids)))
+    )
+    return {t: v for t, v in rows}
+
+
 def available(deps, tenant_id: str) -> int:
     """The ledger's available balance, in a transaction of its own."""
     with deps.db.transaction() as session:
