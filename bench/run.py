@@ -15,6 +15,8 @@ services, so the machine's speed divides out:
   audit_scaling_ratio      one tenant's audit from its checkpoint with 1,000,000 transfers of history
                            ÷ with 10,000 (the same 900 transfers since, 200 runs in flight, in both)
   audit_rss_ratio          the peak RSS of a process doing that audit, same two sizes
+  audit_idle_ratio         what 10,000 tenants nothing moved for add to an audit of 10 busy ones
+                           ÷ one SELECT of their 10,000 balance rows + one pipelined GET of their mirrors
   budget_ops_ratio         reserve+settle pairs/s through our scripts ÷ redis-benchmark EVALSHA of a trivial script
 
 moto stands in for SQS/S3 and is slow (about 10 ms a SendMessage, slower as a queue
@@ -57,6 +59,7 @@ GOALS = {  # name: (goal, "ge" or "le")
     "sweep_scaling_ratio": (1.5, "le"),
     "audit_scaling_ratio": (1.5, "le"),
     "audit_rss_ratio": (1.5, "le"),
+    "audit_idle_ratio": (5.0, "le"),
     "budget_ops_ratio": (0.3, "ge"),
 }
 # What the previous implementation of this product reported (issue #9), for comparison.
@@ -78,6 +81,8 @@ SIZES = {
     "audit_large": 100_000 if QUICK else 1_000_000,
     "audit_active": 200,  # runs in flight: read by every audit
     "audit_since": 300,  # runs settled since the checkpoint: 900 transfers
+    "audit_idle_tenants": 10_000,  # tenants nothing moved for since their checkpoint
+    "audit_busy_tenants": 10,  # each with runs in flight
     "budget_seconds": 5 if QUICK else 15,
 }
 DECISION = {"question": "Which database?", "options": ["Postgres", "MySQL"],
@@ -544,13 +549,98 @@ class Bench:
         self.results["audit_rss_ratio"] = (self.details["audit_peak_rss_mib_large"]
                                            / self.details["audit_peak_rss_mib_small"])
 
+    def audit_idle(self) -> None:
+        """The audit sweep's cost in tenants. 10 busy tenants (20 runs in flight each)
+        audited alone, then beside 10,000 tenants nothing moved for since their
+        checkpoint. What the idle ones add is divided by the least any audit of them
+        must read: their balance rows in one SELECT and their mirrors in one pipeline."""
+        from sqlalchemy import text
+
+        from dpp.adapters.budget import balance_key
+        from dpp.services import ledger, tenants
+        from dpp.services.audit import audit
+
+        busy = []
+        for _ in range(SIZES["audit_busy_tenants"]):
+            busy.append(f"busy-{uuid.uuid4().hex[:6]}")
+            tenants.create_tenant(self.deps, busy[-1], "bench")
+            ledger.topup(self.deps, busy[-1], 1_000_000_000)
+            self._insert_history(busy[-1], 20, settled=False, vacuum=False)
+        template = f"idle-{uuid.uuid4().hex[:6]}"
+        tenants.create_tenant(self.deps, template, "bench")
+        ledger.topup(self.deps, template, 5_000_000)
+        n, prefix = SIZES["audit_idle_tenants"], f"{template}-"
+        with self.deps.db.transaction() as s:  # 10,000 copies of the template: tenant, balance, top-up
+            s.execute(text("INSERT INTO tenants (id, plan_id) SELECT :p || g, 'bench' FROM generate_series(1, :n) g"),
+                      {"p": prefix, "n": n})
+            s.execute(text("""INSERT INTO tenant_balances (tenant_id, funding_micros, available_micros, held_micros,
+                                                           spent_micros)
+                              SELECT t.id, b.funding_micros, b.available_micros, b.held_micros, b.spent_micros
+                              FROM tenants t, tenant_balances b WHERE t.id LIKE :p || '%' AND b.tenant_id = :t"""),
+                      {"p": prefix, "t": template})
+            s.execute(text("""INSERT INTO ledger_transfers (tenant_id, kind, debit_account, credit_account, amount_micros)
+                              SELECT t.id, x.kind, x.debit_account, x.credit_account, x.amount_micros
+                              FROM tenants t, ledger_transfers x WHERE t.id LIKE :p || '%' AND x.tenant_id = :t"""),
+                      {"p": prefix, "t": template})
+            s.execute(text("""INSERT INTO ledger_checkpoints (tenant_id, transfer_id, funding_micros, available_micros,
+                                                              held_micros, spent_micros)
+                              SELECT b.tenant_id, (SELECT max(id) FROM ledger_transfers x WHERE x.tenant_id = b.tenant_id),
+                                     b.funding_micros, b.available_micros, b.held_micros, b.spent_micros
+                              FROM tenant_balances b WHERE b.tenant_id LIKE :p || '%'"""), {"p": prefix})
+        idle = [f"{prefix}{g}" for g in range(1, n + 1)]
+        pipe = self.deps.budget.client.pipeline(transaction=False)
+        for tenant in idle:
+            pipe.set(balance_key(tenant), 5_000_000)
+        pipe.execute()
+        with self.deps.db.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.execute(text("VACUUM ANALYZE tenants, tenant_balances, ledger_transfers, runs"))
+        first = audit(self.deps, busy + idle)  # the busy ones' checkpoints: the sweep's steady state from here
+        assert first.ok, first.violations[:5]
+        # What each idle tenant cost before they were confirmed in bulk: audited alone
+        # (a snapshot, its statements, a Redis script, a version read and, as a full
+        # audit does, its checkpoint written again), on a sample of 500.
+        t0 = time.perf_counter()
+        assert audit(self.deps, idle[:500], full=True).ok
+        self.details["audit_ms_per_tenant_alone"] = round((time.perf_counter() - t0) * 1000 / 500, 2)
+
+        def timed(fn, repeats: int = 9, warm: int = 3) -> float:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1000)
+            return statistics.median(times[warm:])
+
+        def bare() -> None:
+            with self.deps.db.snapshot() as s:
+                s.execute(text("SELECT tenant_id, available_micros, xmin::text FROM tenant_balances "
+                               "WHERE tenant_id = ANY(:ids)"), {"ids": idle}).all()
+            pipe = self.deps.budget.client.pipeline(transaction=False)
+            for tenant in idle:
+                pipe.get(balance_key(tenant))
+            pipe.execute()
+
+        def checked(tenant_ids):
+            report = audit(self.deps, tenant_ids)
+            assert report.ok and report.tenants_checked == len(tenant_ids), report.violations[:5]
+
+        alone = timed(lambda: checked(busy))
+        beside = timed(lambda: checked(busy + idle))
+        floor = timed(bare)
+        self.details.update(audit_busy_ms=round(alone, 1), audit_busy_and_idle_ms=round(beside, 1),
+                            audit_idle_floor_ms=round(floor, 1), audit_idle_tenants=n,
+                            audit_busy_tenants=len(busy),
+                            audit_ms_per_idle_tenant=round(max(beside - alone, 0.0) / n, 4))
+        self.results["audit_idle_ratio"] = max(beside - alone, 0.0) / floor
+
     def _transfers(self, tenant: str) -> int:
         from sqlalchemy import text
 
         with self.deps.db.transaction() as s:
             return s.execute(text("SELECT count(*) FROM ledger_transfers WHERE tenant_id = :t"), {"t": tenant}).scalar()
 
-    def _insert_history(self, tenant: str, runs: int, settled: bool) -> None:
+    def _insert_history(self, tenant: str, runs: int, settled: bool, vacuum: bool = True) -> None:
         """`runs` runs with their transfers and balance effect, by SQL (a million in
         seconds): settled ones cost 5,800 of 500,000 held; others hold 500,000."""
         from sqlalchemy import text
@@ -580,10 +670,11 @@ class Bench:
                               held_micros = held_micros + :h, spent_micros = spent_micros + :s
                               WHERE tenant_id = :tenant"""),
                       {"a": moved[0], "h": moved[1], "s": moved[2], "tenant": tenant})
-        with self.deps.db.engine.connect() as conn:  # the steady state, as in _insert_runs
-            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            conn.execute(text("VACUUM ANALYZE runs, ledger_transfers"))
-            conn.execute(text("CHECKPOINT"))
+        if vacuum:
+            with self.deps.db.engine.connect() as conn:  # the steady state, as in _insert_runs
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn.execute(text("VACUUM ANALYZE runs, ledger_transfers"))
+                conn.execute(text("CHECKPOINT"))
         ledger.rebuild(self.deps, tenant)  # the Redis mirror of what SQL just wrote
 
     def _time_audit(self, tenant: str, repeats: int = 9, warm: int = 3) -> tuple[float, int]:
@@ -735,6 +826,7 @@ def main() -> int:
              ("process RSS", bench.rss),
              ("sweep time vs terminal runs", bench.sweep_scaling),
              ("audit time and RSS vs transfers of history", bench.audit_scaling),
+             ("audit time vs tenants nothing moved for", bench.audit_idle),
              ("reserve+settle vs redis-benchmark EVALSHA", bench.budget_ops)]
     progress = Progress(len(steps) + 1)
     started = time.time()
