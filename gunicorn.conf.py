@@ -10,6 +10,17 @@ from dpp.logs import gunicorn_logconfig
 logconfig_dict = gunicorn_logconfig()
 
 
+def when_ready(server):
+    # /metrics (every worker's samples, summed through PROMETHEUS_MULTIPROC_DIR) and
+    # /healthz of the master on a port of their own, as the worker and beat serve
+    # theirs: in production the API's public port does not serve metrics.
+    port = os.environ.get("DPP_METRICS_PORT")
+    if port:
+        from dpp import metrics
+
+        metrics.serve(int(port), lambda: (True, {"role": "api"}))
+
+
 def post_fork(server, worker):
     # A hung PostgreSQL must give the request its 503 before this worker's timeout
     # kills it (dpp.adapters.db.bound_waits). Here, in the API's processes only:

@@ -2,7 +2,9 @@
 from flask import Blueprint, Response, jsonify
 
 from dpp import __version__, metrics
+from dpp.api.errors import problem
 from dpp.bootstrap import deps
+from dpp.config import get_settings
 from dpp.services.health import readiness
 
 blp = Blueprint("health", __name__)
@@ -21,5 +23,10 @@ def readyz():
 
 @blp.get("/metrics")
 def prometheus():
+    # In production the samples (tenants' traffic, money totals) are not for the
+    # public port: gunicorn's master serves them on DPP_METRICS_PORT (gunicorn.conf.py),
+    # as the worker and beat do. A local platform keeps them here too.
+    if get_settings().env == "production":
+        return problem(404, "not-found", "Not Found", "Metrics are served on DPP_METRICS_PORT, not on this port.")
     body, content_type = metrics.render()
     return Response(body, content_type=content_type)

@@ -89,6 +89,16 @@ def test_workers_and_beat_probe_their_health_endpoint_and_serve_metrics(release)
     assert "--without-gossip" in container(deployments["dpp-worker"])["command"]
 
 
+def test_the_api_is_scraped_on_its_metrics_port_not_the_public_one(release):
+    """Issue 14: in production the public port answers /metrics 404 (dpp/api/health.py)."""
+    _, docs = release
+    api = by_kind(docs, "Deployment")["dpp-api"]
+    assert env(api)["DPP_METRICS_PORT"] == "9100"
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in container(api)["ports"]
+    for monitor in by_kind(docs, "ServiceMonitor").values():
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
 def test_worker_grace_outlives_the_lease_and_beat_has_a_standby(release):
     values_file, docs = release
     config = by_kind(docs, "ConfigMap")["dpp"]["data"]

@@ -35,9 +35,10 @@ def platform(settings, tmp_path_factory):
         # Two gunicorn workers: /metrics must aggregate both (multiprocess mode).
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("prometheus")),
     }
+    metrics_port = devstack.free_port()  # the API's only: the worker would serve on it too
     api = devstack.start_process(
         [str(BIN / "gunicorn"), "-b", f"127.0.0.1:{port}", "-w", "2", "dpp.api:create_app()"],
-        env=env, log_path=logs / "api.log",
+        env={**env, "DPP_METRICS_PORT": str(metrics_port)}, log_path=logs / "api.log",
     )
     worker = devstack.start_process(
         [str(BIN / "celery"), "-A", "dpp", "worker", "-l", "INFO", "-c", "1", "-n", f"e2e-{port}@%h",
@@ -46,7 +47,8 @@ def platform(settings, tmp_path_factory):
     )
     try:
         devstack.wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
-        yield {"url": f"http://127.0.0.1:{port}", "logs": logs, "env": env}
+        yield {"url": f"http://127.0.0.1:{port}", "logs": logs, "env": env,
+               "metrics_url": f"http://127.0.0.1:{metrics_port}"}
     finally:
         devstack.stop_process(worker)
         devstack.stop_process(api)

@@ -249,6 +249,18 @@ def test_metrics_count_requests_by_route(platform):
     assert 'dpp_http_requests_total{method="GET",route="/health",status="200"}' in body
 
 
+def test_gunicorns_master_serves_the_metrics_of_every_worker_on_a_port_of_its_own(platform):
+    """Production's scrape target (the public port refuses /metrics there: issue 14)."""
+    for _ in range(6):  # two gunicorn workers: some of these land on each
+        requests.get(f"{platform['url']}/health", timeout=5)
+    body = requests.get(f"{platform['metrics_url']}/metrics", timeout=5).text
+    line = next(x for x in body.splitlines()
+                if x.startswith('dpp_http_requests_total{method="GET",route="/health",status="200"}'))
+    assert float(line.split()[-1]) >= 6, line
+    health = requests.get(f"{platform['metrics_url']}/healthz", timeout=5)
+    assert health.status_code == 200 and health.json() == {"role": "api"}
+
+
 def test_the_openapi_document_and_swagger_ui_are_served(platform):
     doc = requests.get(f"{platform['url']}/openapi.json", timeout=5).json()
     assert doc["openapi"].startswith("3.1")

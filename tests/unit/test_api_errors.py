@@ -32,3 +32,22 @@ def test_unknown_routes_and_methods_are_problems_too(client):
 
 def test_health_needs_nothing(client):
     assert client.get("/health").json["status"] == "healthy"
+
+
+def test_production_does_not_serve_metrics_on_the_public_port(monkeypatch):
+    """Issue 14: /metrics (every tenant's traffic, the money totals) was served on the
+    API's public port in production; there it moves to DPP_METRICS_PORT (gunicorn.conf.py)."""
+    from dpp.config import reset_settings
+    from tests.unit.test_config import PRODUCTION
+
+    assert create_app().test_client().get("/metrics").status_code == 200  # development: here
+    for name, value in PRODUCTION.items():
+        monkeypatch.setenv(name, value)
+    reset_settings()
+    try:
+        r = create_app().test_client().get("/metrics")
+        assert r.status_code == 404 and r.mimetype == "application/problem+json"
+        assert "DPP_METRICS_PORT" in r.json["detail"] and "dpp_" not in r.get_data(as_text=True)
+    finally:
+        monkeypatch.undo()
+        reset_settings()
