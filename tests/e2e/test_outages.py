@@ -149,3 +149,51 @@ def test_s3_unreachable_on_result_answers_503(platform, clean, tmp_path):
         view = requests.get(f"{base}/v1/runs/{run_id}", headers=auth, timeout=10)
         assert view.status_code == 200 and view.json()["status"] == "COMPLETED"  # presigning needs no S3
     assert_invariants(clean, [tenant_id])
+
+
+def test_readyz_names_each_dependency_down_in_turn_and_recovers(settings, tmp_path):
+    """Issue 14 item 9: /readyz over HTTP with PostgreSQL, Redis and AWS (SQS and S3)
+    each stopped in turn, and PostgreSQL hung: 503 naming exactly that dependency,
+    answered within a probe's timeout, and 200 again once it is back."""
+    import boto3
+
+    from tests.support.services import CREDS, REGION
+
+    with private_postgres() as pg, private_redis(tmp_path) as rds, private_moto(tmp_path) as moto:
+        def aws_up() -> str:
+            boto3.client("s3", region_name=REGION, endpoint_url=moto.url, **CREDS).create_bucket(
+                Bucket=settings.s3_result_bucket)
+            return moto.create_queue(settings.sqs_queue_name)
+
+        queue_url = aws_up()
+        env = {"DATABASE_URL": pg.url, "REDIS_URL": rds.url, "SQS_ENDPOINT_URL": moto.url,
+               "S3_ENDPOINT_URL": moto.url, "SQS_QUEUE_URL": queue_url}
+
+        def probe() -> tuple[int, set]:
+            started = time.monotonic()
+            resp = requests.get(f"{base}/readyz", timeout=30)
+            assert time.monotonic() - started < 8, (f"within the chart's readinessProbe timeoutSeconds (8): "
+                                                     f"{time.monotonic() - started:.1f} s, {resp.text}")
+            services = resp.json()["services"]
+            down = {name for name, state in services.items()
+                    if name not in ("admissions", "tenants_frozen") and state not in ("ok", "skipped")}
+            return resp.status_code, down
+
+        def recovered() -> None:
+            deadline = time.monotonic() + 30
+            while probe() != (200, set()):
+                assert time.monotonic() < deadline, probe()
+                time.sleep(0.5)
+
+        with gunicorn(env, tmp_path / "api.log") as base:
+            assert probe() == (200, set())
+            for down, up, named in ((pg.stop, pg.start, {"database"}),
+                                    (pg.freeze, pg.thaw, {"database"}),
+                                    (rds.stop, rds.start, {"redis"}),
+                                    (moto.stop, lambda: (moto.start(), aws_up()), {"sqs", "s3"})):
+                down()
+                try:
+                    assert probe() == (503, named)
+                finally:
+                    up()
+                recovered()
