@@ -22,13 +22,15 @@ def when_ready(server):
 
 
 def post_fork(server, worker):
-    # A hung PostgreSQL must give the request its 503 before this worker's timeout
-    # kills it (dpp.adapters.db.bound_waits). Here, in the API's processes only:
-    # the setting is process-wide, and a worker's or a test's long wait is not a hang.
-    from dpp.adapters import db
+    # A hung PostgreSQL, SQS or S3 must give the request its 503 before this worker's
+    # timeout kills it (dpp.adapters.db.bound_waits, dpp.adapters.aws.bound_waits).
+    # Here, in the API's processes only: the setting is process-wide, and a worker's
+    # or a test's long wait is not a hang.
+    from dpp.adapters import aws, db
     from dpp.config import get_settings
 
-    db.bound_waits(get_settings().db_io_timeout_sec)
+    db.bound_waits(get_settings().io_timeout_sec)
+    aws.bound_waits(get_settings().io_timeout_sec)
 
 
 def child_exit(server, worker):

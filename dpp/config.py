@@ -85,9 +85,10 @@ class Settings:
     database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/dpp"
     database_url_migrations: str | None = None
     db_pool: str = "queuepool"
-    # The API gives up on a PostgreSQL that stays silent this long (0: never), and
-    # answers 503: below gunicorn's 30 s worker timeout, with a reconnect's wait too.
-    db_io_timeout_sec: float = 5.0
+    # The API gives up on a PostgreSQL, SQS or S3 that stays silent this long (0: never
+    # for PostgreSQL), and answers 503: below gunicorn's 30 s worker timeout, with a
+    # reconnect's or a retry's wait too.
+    io_timeout_sec: float = 5.0
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: bool = False
     aws_region: str = "us-east-1"
@@ -153,7 +154,7 @@ class Settings:
             database_url=env.get("DATABASE_URL", cls.database_url),
             database_url_migrations=env.get("DATABASE_URL_MIGRATIONS") or None,
             db_pool=env.get("DPP_DB_POOL", cls.db_pool),
-            db_io_timeout_sec=_float(env, "DPP_DB_IO_TIMEOUT_SEC", cls.db_io_timeout_sec),
+            io_timeout_sec=_float(env, "DPP_IO_TIMEOUT_SEC", cls.io_timeout_sec),
             redis_url=env.get("REDIS_URL", cls.redis_url),
             redis_cluster=_bool(env, "DPP_REDIS_CLUSTER", False),
             aws_region=env.get("AWS_REGION", cls.aws_region),

@@ -16,6 +16,7 @@ import uuid
 import pytest
 import redis
 import requests
+from sqlalchemy import text
 
 from tests.conftest import assert_invariants
 from tests.e2e.test_dependency_failures import BODY, RESERVE, TOPUP, _assert_503, _books, _new_tenant, _post
@@ -148,6 +149,43 @@ def test_s3_unreachable_on_result_answers_503(platform, clean, tmp_path):
         assert "s3" in problem["detail"], problem
         view = requests.get(f"{base}/v1/runs/{run_id}", headers=auth, timeout=10)
         assert view.status_code == 200 and view.json()["status"] == "COMPLETED"  # presigning needs no S3
+    assert_invariants(clean, [tenant_id])
+
+
+def test_s3_hung_on_result_answers_503_within_the_bound(platform, clean, settings, tmp_path):
+    """SIGSTOPped: S3 accepts the connection and never answers. With botocore's 10 s
+    read timeout and two attempts, GET /result took 20 s before its 503; the API's
+    waits are bounded by DPP_IO_TIMEOUT_SEC (gunicorn.conf.py)."""
+    import boto3
+
+    from tests.e2e.test_api_contract import post_run, wait_all_terminal
+    from tests.support.services import CREDS, REGION
+
+    tenant_id, key = _new_tenant(clean)
+    created = post_run(platform["url"], key, body=BODY)
+    assert created.status_code == 201, created.text
+    run_id = created.json()["run_id"]
+    wait_all_terminal(clean, tenant_id)
+    with clean.db.transaction() as session:
+        result_key = session.execute(text("SELECT result_key FROM runs WHERE id = :id"), {"id": run_id}).scalar_one()
+    envelope = clean.results.get(result_key)
+    auth = {"Authorization": f"Bearer {key}"}
+    with private_moto(tmp_path) as moto:
+        s3 = boto3.client("s3", region_name=REGION, endpoint_url=moto.url, **CREDS)
+        s3.create_bucket(Bucket=settings.s3_result_bucket)
+        s3.put_object(Bucket=settings.s3_result_bucket, Key=result_key, Body=envelope)
+        with gunicorn({"S3_ENDPOINT_URL": moto.url}, tmp_path / "api.log") as base:
+            warm = requests.get(f"{base}/v1/runs/{run_id}/result", headers=auth, timeout=30)
+            assert warm.status_code == 200 and warm.content == envelope
+            moto.freeze()
+            try:
+                started = time.monotonic()
+                resp = requests.get(f"{base}/v1/runs/{run_id}/result", headers=auth, timeout=40)
+                problem = _assert_503(resp, time.monotonic() - started)
+                assert "s3" in problem["detail"], problem
+            finally:
+                moto.thaw()
+            assert requests.get(f"{base}/v1/runs/{run_id}/result", headers=auth, timeout=30).status_code == 200
     assert_invariants(clean, [tenant_id])
 
 
