@@ -9,6 +9,7 @@ from dpp import __version__, telemetry
 from dpp.api import account, context, errors, health, packs, runs
 from dpp.api.body import StrictJSONProvider, StrictRequest
 from dpp.api.openapi import document_errors
+from dpp.bootstrap import deps
 from dpp.config import get_settings
 from dpp.logs import configure_logging
 
@@ -39,7 +40,8 @@ def create_app(overrides: dict | None = None) -> Flask:
     api.register_blueprint(runs.blp)
     api.register_blueprint(account.blp)
     api.register_blueprint(packs.blp)
-    document_errors(api)  # problem+json errors, auth and headers in /openapi.json
+    # problem+json errors, auth and headers in /openapi.json; pack_type's values
+    document_errors(api, deps().packs.types())
     app.register_blueprint(health.blp)
     app.before_request(context.begin_request)
     app.after_request(context.end_request)

@@ -188,10 +188,42 @@ def _is_error(status: str) -> bool:
     return status == "default" or status[:1] in ("4", "5")
 
 
-def document_errors(api) -> None:
-    """Rewrite the generated document; call once, after every blueprint is registered."""
+def _ref(path: str, method: str) -> str:
+    return "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+
+
+_RUN_ID = {"run_id": "$response.body#/run_id"}
+# OpenAPI links: where a response's values lead (clients follow them; schemathesis'
+# stateful phase chains calls through them).
+LINKS = {
+    ("/v1/runs", "post", "201"): {
+        "GetRun": {"operationRef": _ref("/v1/runs/{run_id}", "get"), "parameters": _RUN_ID,
+                   "description": "The run just created, to poll."},
+        "GetResult": {"operationRef": _ref("/v1/runs/{run_id}/result", "get"), "parameters": _RUN_ID,
+                      "description": "Its stored envelope, once COMPLETED."},
+    },
+    ("/v1/runs", "get", "200"): {
+        "NextPage": {"operationRef": _ref("/v1/runs", "get"),
+                     "parameters": {"cursor": "$response.body#/next_cursor"},
+                     "description": "The next page, while `next_cursor` is not null."},
+    },
+    ("/v1/ledger", "get", "200"): {
+        "NextPage": {"operationRef": _ref("/v1/ledger", "get"),
+                     "parameters": {"cursor": "$response.body#/next_cursor"},
+                     "description": "The next page, while `next_cursor` is not null."},
+    },
+}
+
+
+def document_errors(api, pack_types: list[str] | None = None) -> None:
+    """Rewrite the generated document; call once, after every blueprint is registered.
+
+    `pack_types`: the packs this server runs, the only `pack_type` values a
+    submission may name (an enum, so clients and fuzzers know them)."""
     spec = api.spec
     components = spec.components
+    if pack_types:
+        components.schemas["RunCreate"]["properties"]["pack_type"]["enum"] = list(pack_types)
     components.schema(PROBLEM, component=PROBLEM_SCHEMA)
     components.security_scheme(SECURITY_SCHEME, {
         "type": "http",
@@ -227,6 +259,10 @@ def document_errors(api) -> None:
                     responses[str(status)] = {"$ref": f"#/components/responses/{_response_name(status)}"}
                     used.add(status)
             operation["security"] = [] if public else [{SECURITY_SCHEME: []}]
+            for status, response in responses.items():
+                links = LINKS.get((path, method, str(status)))
+                if links and isinstance(response, dict):
+                    response["links"] = deepcopy(links)
             if (path, method) == ("/v1/runs", "post"):
                 params = operation.setdefault("parameters", [])
                 if not any(p.get("name") == "Idempotency-Key" for p in params if isinstance(p, dict)):

@@ -16,8 +16,9 @@ class Money(fields.Field):
         except InvalidMoney as exc:
             raise ValidationError(str(exc)) from exc
 
-    def _jsonschema_type_mapping(self):
-        return {"type": "string", "pattern": r"^(0|[1-9][0-9]*)(\.[0-9]{1,6})?$", "example": "0.50"}
+
+# The wire form parse_usd accepts (dpp/domain/money.py), for the document.
+MONEY_PATTERN = r"^(0|[1-9][0-9]{0,11})(\.[0-9]{1,6})?$"
 
 
 class RunCreate(Schema):
@@ -26,7 +27,7 @@ class RunCreate(Schema):
 
     pack_type = fields.String(required=True, validate=validate.Length(min=1, max=64))
     inputs = fields.Dict(required=True)
-    max_cost_usd = Money(required=True, metadata={"type": "string", "example": "0.50"})
+    max_cost_usd = Money(required=True, metadata={"type": "string", "pattern": MONEY_PATTERN, "example": "0.50"})
 
     @validates_schema
     def _storable_text(self, data, **kwargs):

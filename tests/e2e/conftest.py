@@ -15,6 +15,9 @@ import devstack  # noqa: E402  (scripts/devstack.py: process helpers shared with
 BIN = Path(sys.executable).parent
 
 
+# The test packs the e2e API runs: its /openapi.json lists them as pack_type values.
+E2E_PACKS = "tests.support.packs:BoomPack,tests.support.packs:SlowPack"
+
 @pytest.fixture(scope="package")
 def platform(settings, tmp_path_factory):
     """API base URL, with one worker consuming the test queue; stopped by PID after the e2e tests.
@@ -26,7 +29,7 @@ def platform(settings, tmp_path_factory):
     port = devstack.free_port()
     env = {
         **os.environ,
-        "DPP_EXTRA_PACKS": "tests.support.packs:BoomPack,tests.support.packs:SlowPack",
+        "DPP_EXTRA_PACKS": E2E_PACKS,
         # The url pack may fetch from the tests' page server on 127.0.0.2, and nothing
         # else local: 127.0.0.1 and `localhost` stay refused, as in production.
         "DPP_URL_ALLOWLIST": "127.0.0.2/32",
