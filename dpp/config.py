@@ -154,7 +154,8 @@ class Settings:
             database_url=env.get("DATABASE_URL", cls.database_url),
             database_url_migrations=env.get("DATABASE_URL_MIGRATIONS") or None,
             db_pool=env.get("DPP_DB_POOL", cls.db_pool),
-            io_timeout_sec=_float(env, "DPP_IO_TIMEOUT_SEC", cls.io_timeout_sec),
+            io_timeout_sec=_float(env, "DPP_IO_TIMEOUT_SEC",  # its former name still read
+                                  _float(env, "DPP_DB_IO_TIMEOUT_SEC", cls.io_timeout_sec)),
             redis_url=env.get("REDIS_URL", cls.redis_url),
             redis_cluster=_bool(env, "DPP_REDIS_CLUSTER", False),
             aws_region=env.get("AWS_REGION", cls.aws_region),

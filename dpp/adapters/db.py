@@ -18,6 +18,9 @@ from sqlalchemy.pool import NullPool
 from dpp.config import Settings
 
 _engines: dict[tuple[int, str], Engine] = {}
+# Set by `bound_waits`: the server's own statement_timeout (ms) for the engines made
+# afterwards, below the client's bound; lock_timeout is three quarters of it.
+_server_bound_ms: int | None = None
 
 
 def engine_for(settings: Settings) -> Engine:
@@ -30,11 +33,13 @@ def engine_for(settings: Settings) -> Engine:
             kwargs = {"poolclass": NullPool}
         else:
             kwargs.update(pool_size=5, max_overflow=5, pool_timeout=5)
-        engine = create_engine(
-            settings.database_url,
-            connect_args={"connect_timeout": 5, "application_name": "dpp"},
-            **kwargs,
-        )
+        connect_args = {"connect_timeout": 5, "application_name": "dpp"}
+        if _server_bound_ms and settings.db_pool != "nullpool":
+            # Startup options: no round trip per transaction. Not through a pooler in
+            # transaction mode (nullpool), which refuses them (docs/deploy.md).
+            connect_args["options"] = (f"-c lock_timeout={_server_bound_ms * 3 // 4} "
+                                       f"-c statement_timeout={_server_bound_ms}")
+        engine = create_engine(settings.database_url, connect_args=connect_args, **kwargs)
         _engines[key] = engine
     return engine
 
@@ -50,9 +55,18 @@ def bound_waits(seconds: float) -> None:
     socket is bounded, and giving up raises OperationalError, after which
     psycopg2 closes the connection (its "green panic") and SQLAlchemy discards
     it. Process-wide, so the API sets it (a worker's long sweep must not).
+
+    A wait for a lock (a tenant's fence held by a stuck transaction) is silence
+    too, but the server would go on waiting after the client gave up, its
+    backend queued on the lock. So the engines made from here on also ask the
+    server for statement_timeout at 80 % of `seconds` and lock_timeout at 60 %:
+    the server gives up first, with SQLSTATE 55P03 / 57014 (an outage: 503).
     """
     import psycopg2
     from psycopg2 import extensions
+
+    global _server_bound_ms
+    _server_bound_ms = int(seconds * 800) if seconds > 0 else None
 
     events = {extensions.POLL_READ: select.POLLIN, extensions.POLL_WRITE: select.POLLOUT}
 
