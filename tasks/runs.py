@@ -1,17 +1,23 @@
 """`dpp.execute_run`: one paid run on a worker."""
-from celery.exceptions import Reject
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from dpp.bootstrap import deps
 from dpp.celery import app
+from dpp.domain.packs.base import DEFAULT_TIME_LIMIT_SEC, HARD_LIMIT_GRACE_SEC
 from dpp.services import execute
 
 
-@app.task(name="dpp.execute_run", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+# The message carries its pack's time limits (dpp/adapters/queue.py); these
+# defaults hold for one that does not (published before, or by hand).
+@app.task(name="dpp.execute_run", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+          soft_time_limit=DEFAULT_TIME_LIMIT_SEC, time_limit=DEFAULT_TIME_LIMIT_SEC + HARD_LIMIT_GRACE_SEC)
 def execute_run(self, run_id: str) -> str:
     # An exception escaping here (PostgreSQL down at claim or finalize) is not
     # acknowledged: acks_on_failure is off, so SQS redelivers the message, and
-    # its dead-letter queue takes it after three receives.
-    outcome = execute.execute_run(deps(), run_id, message=_sqs_message(self.request))
+    # its dead-letter queue takes it after three receives. The soft time limit
+    # raised inside the pack ends the run FAILED PACK_TIMEOUT (the service).
+    outcome = execute.execute_run(deps(), run_id, message=_sqs_message(self.request),
+                                  timed_out=(SoftTimeLimitExceeded,))
     if outcome == execute.LEASE_LOST:
         # SPEC §3: only COMMIT acknowledges. Rejected without requeue, the message
         # stays on the queue (it has a redrive policy), SQS delivers it again

@@ -55,10 +55,10 @@ def deps(settings):
 def seeded(deps):
     from dpp.services.tenants import seed_plans
 
-    for pack in ("tests.support.packs:BoomPack", "tests.support.packs:SlowPack"):
+    for pack in ("tests.support.packs:BoomPack", "tests.support.packs:SlowPack", "tests.support.packs:HangPack"):
         module, _, attr = pack.partition(":")
         deps.packs.register(getattr(__import__(module, fromlist=[attr]), attr)())
-    seed_plans(deps, extra_pack_types=("boom", "slow"))
+    seed_plans(deps, extra_pack_types=("boom", "slow", "hang"))
     return deps
 
 

@@ -5,6 +5,7 @@ from flask_smorest import Blueprint
 from dpp.api import schemas
 from dpp.bootstrap import deps
 from dpp.domain.money import format_usd
+from dpp.domain.packs.base import time_limits
 
 blp = Blueprint("packs", __name__, url_prefix="/v1/packs", description="The pack catalogue")
 
@@ -27,5 +28,6 @@ class Packs(MethodView):
                 "description": getattr(pack, "description", ""),
                 "price": price,
                 "input_schema": getattr(pack, "input_schema", {"type": "object"}),
+                "time_limit_sec": time_limits(pack)[0],
             })
         return {"items": items}

@@ -46,6 +46,7 @@ class MoneyState(str, enum.Enum):
 
 class ErrorCode(str, enum.Enum):
     PACK_ERROR = "PACK_ERROR"
+    PACK_TIMEOUT = "PACK_TIMEOUT"  # the pack ran past its time limit (charged the minimum fee)
     LEASE_EXPIRED = "LEASE_EXPIRED"
     ROLLED_BACK = "ROLLED_BACK"
     ENQUEUE_FAILED = "ENQUEUE_FAILED"

@@ -13,6 +13,7 @@ from dpp import telemetry
 from dpp.adapters.repository import RunRepository, snapshot
 from dpp.domain import runs as machine
 from dpp.domain.errors import InvalidTransition, LeaseLost, PackFailed
+from dpp.domain.packs.base import time_limits
 from dpp.domain.runs import ErrorCode
 from dpp.faults import fault_point
 from dpp.services import finalize
@@ -24,16 +25,17 @@ PROGRESS_MIN_INTERVAL_SEC = 1.0
 LEASE_LOST = "lease-lost"
 
 
-def execute_run(deps, run_id: str, message: tuple[str, str] | None = None) -> str:
+def execute_run(deps, run_id: str, message: tuple[str, str] | None = None,
+                timed_out: tuple[type[BaseException], ...] = ()) -> str:
     """Run it if it is ours to run; return what happened, for the task's result and logs.
 
     `message` is the SQS (queue_url, receipt_handle) the heartbeat keeps invisible.
     """
     with telemetry.bind(run_id=run_id):
-        return _execute_run(deps, run_id, message)
+        return _execute_run(deps, run_id, message, timed_out)
 
 
-def _execute_run(deps, run_id: str, message: tuple[str, str] | None) -> str:
+def _execute_run(deps, run_id: str, message: tuple[str, str] | None, timed_out: tuple) -> str:
     token, row = _claim_lease(deps, run_id)
     if not token.startswith("lease:"):
         log.info("message dropped", extra={"run_id": run_id, "reason": token})
@@ -44,10 +46,11 @@ def _execute_run(deps, run_id: str, message: tuple[str, str] | None) -> str:
     # The row as the claim read it: what a run is (pack, inputs, tenant) never changes.
     with telemetry.run_scope("dpp.execute_run", row.trace_id, run_id, row.tenant_id):
         log.info("run started", extra={"pack_type": row.pack_type})
-        return _run_pack(deps, run_id, row.tenant_id, lease_token, deps.packs.get(row.pack_type), row.inputs, message)
+        return _run_pack(deps, run_id, row.tenant_id, lease_token, deps.packs.get(row.pack_type), row.inputs,
+                         message, timed_out)
 
 
-def _run_pack(deps, run_id: str, tenant_id: str, lease_token: str, pack, inputs, message) -> str:
+def _run_pack(deps, run_id: str, tenant_id: str, lease_token: str, pack, inputs, message, timed_out) -> str:
     heartbeat = Heartbeat(deps, run_id, lease_token, message)
     try:
         with heartbeat:
@@ -56,8 +59,12 @@ def _run_pack(deps, run_id: str, tenant_id: str, lease_token: str, pack, inputs,
         log.warning("pack stopped: lease lost", extra={"run_id": run_id})
         return LEASE_LOST
     except Exception as exc:  # the pack's failure is the run's, not the worker's
-        log.warning("pack failed", extra={"run_id": run_id, "error": repr(exc)}, exc_info=True)
-        code, message = _failure(exc)
+        if isinstance(exc, timed_out):  # the worker's soft time limit, raised into the pack
+            code, message = ErrorCode.PACK_TIMEOUT, f"the pack ran past its time limit of {time_limits(pack)[0]:g} s"
+        else:
+            code, message = _failure(exc)
+        log.warning("pack failed", extra={"run_id": run_id, "error": repr(exc), "error_code": code.value},
+                    exc_info=code is not ErrorCode.PACK_TIMEOUT)
         try:
             outcome = finalize.fail_started(deps, run_id, lease_token, code, message)
         except LeaseLost as lost:

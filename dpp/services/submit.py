@@ -28,6 +28,7 @@ from dpp.domain.errors import (
     DependencyUnavailable, Forbidden, IdempotencyMismatch, InsufficientBudget, PlanViolation,
 )
 from dpp.domain.money import format_usd
+from dpp.domain.packs.base import time_limits
 from dpp.domain.runs import ErrorCode, RunStatus
 from dpp.faults import fault_point
 from dpp.services import admissions, finalize, ledger, limits
@@ -134,7 +135,7 @@ def submit_run(deps, principal: Principal, idempotency_key: str, sub: Submission
 
     fault_point("after_run_row", principal.tenant_id)
     try:
-        deps.queue.enqueue_run(run_id, trace_id)
+        deps.queue.enqueue_run(run_id, trace_id, time_limits(pack))
     except DependencyUnavailable:
         ended = finalize.fail_unstarted(deps, run_id, ErrorCode.ENQUEUE_FAILED, "the run could not be enqueued")
         if ended is not None:

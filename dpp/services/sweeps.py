@@ -25,7 +25,8 @@ from dpp.adapters import orm
 from dpp.adapters.repository import RunRepository, fence_tenant, snapshot, utcnow
 from dpp.adapters.results import result_key
 from dpp.domain import runs as machine
-from dpp.domain.errors import DependencyUnavailable, InvalidTransition
+from dpp.domain.errors import DependencyUnavailable, InvalidTransition, UnknownPackType
+from dpp.domain.packs.base import time_limits
 from dpp.domain.runs import ErrorCode, FinalizeStage, MoneyState, RunStatus, is_run_id
 from dpp.faults import fault_point
 from dpp.services import admissions, finalize, ledger
@@ -51,6 +52,7 @@ class Claimed:
     run_id: str
     tenant_id: str
     trace_id: str | None
+    pack_type: str = ""
 
     def scope(self, sweep: str):
         """Log and trace this run's settlement in the run's own trace (dpp.telemetry)."""
@@ -72,7 +74,7 @@ def _claim_batch(deps, stmt, transition) -> list[Claimed]:
             except InvalidTransition:
                 continue
             if repo.apply(snap, changes):
-                claimed.append(Claimed(str(row.id), row.tenant_id, row.trace_id))
+                claimed.append(Claimed(str(row.id), row.tenant_id, row.trace_id, row.pack_type))
     return claimed
 
 
@@ -171,7 +173,7 @@ def sweep_stale_queued(deps) -> SweepReport:
             if run.run_id in redriven:
                 publish = redriven[run.run_id]
                 try:
-                    deps.queue.enqueue_run(run.run_id, run.trace_id or "")
+                    deps.queue.enqueue_run(run.run_id, run.trace_id or "", _time_limits(deps, run.pack_type))
                 except DependencyUnavailable as exc:  # the broker is down: the next share tries again
                     report.actions[run.run_id] = f"redrive-failed:{publish}:{exc.dependency}"
                     continue
@@ -244,6 +246,13 @@ def reconcile_one(deps, run_id: str) -> str:
     outcome = finalize.commit(deps, run_id, RunStatus.COMPLETED, stored.actual_cost_micros, result_key=stored.key)
     metrics.RECONCILE_ACTIONS.labels("rolled_forward").inc()
     return f"rolled_forward:{outcome.charge_micros}"
+
+
+def _time_limits(deps, pack_type: str) -> tuple[float, float] | None:
+    try:
+        return time_limits(deps.packs.get(pack_type))
+    except UnknownPackType:  # a pack no longer served: the task's defaults
+        return None
 
 
 def release_orphan_holds(deps) -> SweepReport:

@@ -16,7 +16,7 @@ BIN = Path(sys.executable).parent
 
 
 # The test packs the e2e API runs: its /openapi.json lists them as pack_type values.
-E2E_PACKS = "tests.support.packs:BoomPack,tests.support.packs:SlowPack"
+E2E_PACKS = "tests.support.packs:BoomPack,tests.support.packs:SlowPack,tests.support.packs:HangPack"
 
 @pytest.fixture(scope="package")
 def platform(settings, tmp_path_factory):

@@ -23,6 +23,25 @@ class BoomPack:
         raise RuntimeError("boom")
 
 
+class HangPack:
+    """Never ends by itself (a pack stuck in a wait): its 2 s time limit ends the run."""
+
+    pack_type = "hang"
+    version = "test"
+    time_limit_sec = 2.0
+
+    def validate(self, inputs):
+        return dict(inputs)
+
+    def min_price_micros(self, inputs):
+        return 1_000
+
+    def run(self, inputs, progress):
+        progress(0.1)
+        while True:
+            time.sleep(3600)
+
+
 class SlowPack:
     """Sleeps `seconds` (default 1) in small steps, reporting progress; costs 2,000 micros."""
 

@@ -41,6 +41,10 @@ def test_production_does_not_serve_metrics_on_the_public_port(monkeypatch):
     from tests.unit.test_config import PRODUCTION
 
     assert create_app().test_client().get("/metrics").status_code == 200  # development: here
+    import os
+
+    for name in [n for n in os.environ if n.startswith(("SQS_", "S3_", "AWS_", "DPP_"))]:
+        monkeypatch.delenv(name)  # a test stack's loopback endpoints, test packs and keys
     for name, value in PRODUCTION.items():
         monkeypatch.setenv(name, value)
     reset_settings()

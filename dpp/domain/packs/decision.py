@@ -80,6 +80,7 @@ INPUT_SCHEMA: dict[str, Any] = {
 class DecisionPack:
     pack_type = "decision"
     version = "1.0.0"
+    time_limit_sec = 10.0  # milliseconds of arithmetic; the limit only catches a bug
     description = ("Multi-criteria decision analysis (weighted sum or TOPSIS) with an optional "
                    "sensitivity analysis, returned as a signed decision proof.")
     price = {

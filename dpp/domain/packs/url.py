@@ -455,13 +455,30 @@ def _collapse(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
+# The digest's CPU budget, in parser events (tags, text runs, comments): a page
+# of 1 MiB has tens of thousands. Counted, not timed, so the digest of a body is
+# the same on every machine; past it the digest keeps what it has read.
+MAX_PARSER_EVENTS = 200_000
+# An unfinished construct (a tag never closed) is re-scanned by every feed while
+# it is held back: past this length it is dropped up to the next `>` (an inline
+# data: image ends there too), so each feed scans at most this much more than its
+# chunk (`<a ` + 780k attributes took 1.1 s, now 0.06).
+MAX_PENDING_CHARS = 64 * 1024
+
+
+class _OverBudget(Exception):
+    pass
+
+
 class _Digester(HTMLParser):
     """Title, description, base, links and visible text, in one pass."""
 
     def __init__(self, excerpt_chars: int):
         super().__init__(convert_charrefs=True)
         self.excerpt_chars = excerpt_chars
+        self.events = 0
         self.title: list[str] | None = None
+        self.title_chars = 0
         self.title_done = False
         self.in_title = False
         self.description: str | None = None
@@ -472,10 +489,16 @@ class _Digester(HTMLParser):
         self.text_chars = 0
         self.skip: list[str] = []  # open elements whose text is not visible
 
+    def _spend(self) -> None:
+        self.events += 1
+        if self.events > MAX_PARSER_EVENTS:
+            raise _OverBudget
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._spend()
         values = {k: v for k, v in reversed(attrs) if v is not None}  # first occurrence wins
         if tag == "title" and not self.title_done and not self.skip:
-            self.in_title, self.title = True, []
+            self.in_title, self.title, self.title_chars = True, [], 0
         elif tag == "meta":
             name = (values.get("name") or values.get("property") or "").strip().lower()
             if name == "description" and self.description is None:
@@ -498,6 +521,7 @@ class _Digester(HTMLParser):
         self.handle_starttag(tag, attrs)
 
     def handle_endtag(self, tag: str) -> None:
+        self._spend()
         if tag == "title" and self.in_title:
             self.in_title, self.title_done = False, True
         if tag in self.skip:
@@ -507,9 +531,13 @@ class _Digester(HTMLParser):
             self._add_text(" ")
 
     def handle_data(self, data: str) -> None:
+        self._spend()
         if self.in_title:
-            if sum(map(len, self.title)) <= MAX_TITLE_CHARS * 2:
+            # A running count: summing the parts on every call was quadratic, and
+            # `<title>` + 780k `<` (one call each) took 35 s of CPU.
+            if self.title_chars <= MAX_TITLE_CHARS * 2:
                 self.title.append(data)
+                self.title_chars += len(data)
         elif not self.skip:
             self._add_text(data)
 
@@ -551,11 +579,22 @@ def digest_html(text: str, final_url: str, excerpt_chars: int, max_links: int) -
     """
     parser = _Digester(excerpt_chars)
     try:
+        dropping = False
         for start in range(0, len(text), FEED_CHARS):
-            parser.feed(text[start : start + FEED_CHARS])
+            chunk = text[start : start + FEED_CHARS]
+            if dropping:
+                end = chunk.find(">")
+                if end < 0:
+                    continue
+                chunk, dropping = chunk[end + 1 :], False
+            parser.feed(chunk)
+            if len(parser.rawdata) > MAX_PENDING_CHARS:
+                parser.rawdata, dropping = "", True
         rest = parser.rawdata
         if rest and not rest.startswith("<"):  # text held back for a possible charref
             parser.handle_data(unescape(rest))
+    except _OverBudget:  # keep what was read (MAX_PARSER_EVENTS)
+        pass
     except Exception:  # 3.11 asserts on some malformed markup; keep what was read
         pass
     base = final_url
@@ -652,6 +691,7 @@ class UrlPack:
                    "and cloud metadata addresses are refused, on every redirect.")
     price = {"formula": "base_micros + per_kib_micros * ceil(bytes_read / 1024)", **PRICE}
     input_schema = INPUT_SCHEMA
+    time_limit_sec = 30.0  # the fetch is bounded at TIMEOUT_SEC (15), the digest by its budget
 
     def __init__(self, fetcher: Fetcher, policy: AddressPolicy | None = None,
                  limits: FetchLimits = FetchLimits()):
