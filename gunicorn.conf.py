@@ -18,7 +18,10 @@ def when_ready(server):
     if port:
         from dpp import metrics
 
-        metrics.serve(int(port), lambda: (True, {"role": "api"}))
+        try:
+            metrics.serve(int(port), lambda: (True, {"role": "api"}))
+        except OSError as exc:  # a USR2 re-exec's new master, while the old one still holds it
+            server.log.warning("metrics not served on :%s: %s", port, exc)
 
 
 def post_fork(server, worker):

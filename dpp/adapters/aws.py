@@ -21,6 +21,8 @@ def bound_waits(seconds: float) -> None:
     `seconds` each now. A worker keeps the longer waits (its upload has time, and a
     retry costs a redelivery).
     """
+    if seconds <= 0:  # 0: the clients' own waits (as db.bound_waits takes it)
+        return
     _waits.update(connect=min(_waits["connect"], seconds), read=seconds, attempts=2)
 
 

@@ -173,7 +173,8 @@ class PackView(Schema):
     description = fields.String()
     price = fields.Dict(metadata={"description": "Formula and figures; amounts in USD micros"})
     input_schema = fields.Dict(metadata={"description": "JSON Schema of the pack's inputs"})
-    time_limit_sec = fields.Float(metadata={"description": "A run past it ends FAILED PACK_TIMEOUT at the minimum fee"})
+    time_limit_sec = fields.Float(metadata={"description": "A run past it is interrupted and ends FAILED "
+                                                          "PACK_TIMEOUT at the minimum fee (docs/api.md)"})
 
 
 class PackList(Schema):

@@ -54,7 +54,7 @@ def _run_pack(deps, run_id: str, tenant_id: str, lease_token: str, pack, inputs,
     heartbeat = Heartbeat(deps, run_id, lease_token, message)
     try:
         with heartbeat:
-            result = pack.run(inputs, _progress_writer(deps, run_id, tenant_id, lease_token, heartbeat))
+            result = pack.run(inputs, _progress_writer(deps, run_id, tenant_id, lease_token, heartbeat, timed_out))
     except PackStopped:
         log.warning("pack stopped: lease lost", extra={"run_id": run_id})
         return LEASE_LOST
@@ -123,7 +123,7 @@ class PackStopped(BaseException):
     """
 
 
-def _progress_writer(deps, run_id: str, tenant_id: str, lease_token: str, heartbeat: Heartbeat):
+def _progress_writer(deps, run_id: str, tenant_id: str, lease_token: str, heartbeat: Heartbeat, timed_out: tuple):
     # The first write comes once the pack has run for the interval: a pack that
     # ends sooner writes none (COMMIT sets progress 1.0), which saves a fast
     # run two transactions (profiled). Slow packs report every interval.
@@ -143,6 +143,8 @@ def _progress_writer(deps, run_id: str, tenant_id: str, lease_token: str, heartb
         try:
             with deps.db.transaction() as session:
                 RunRepository(session).set_progress(run_id, lease_token, max(0.0, min(1.0, float(fraction))))
+        except timed_out:  # the pack's time limit, landed in this write: it ends the pack
+            raise
         except Exception:  # progress is advisory; never fail a run for it
             log.debug("progress write failed", exc_info=True)
 

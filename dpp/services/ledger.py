@@ -121,18 +121,20 @@ def version_now(deps, tenant_id: str) -> str:
 
 # Tenants whose ledger has not moved since a sound audit saved their checkpoint
 # (or who never had a transfer nor a run): the balance row still equals the
-# checkpoint's sums, no transfer came after it, and no run holds money. Index
-# probes per tenant (ix_ledger_transfers_tenant_id, ix_runs_money_unsettled).
+# checkpoint's sums and holds nothing, no transfer came after it, and no run holds
+# money. Index probes per tenant (ix_ledger_transfers_tenant_id, and the partial
+# ix_runs_money_unsettled: its predicate stands alone so the planner can use it).
 _QUIET = text("""
 SELECT b.tenant_id, b.available_micros, b.xmin::text
 FROM tenant_balances b LEFT JOIN ledger_checkpoints c ON c.tenant_id = b.tenant_id
 WHERE b.tenant_id = ANY(:ids)
   AND b.funding_micros = coalesce(c.funding_micros, 0) AND b.available_micros = coalesce(c.available_micros, 0)
   AND b.held_micros = coalesce(c.held_micros, 0) AND b.spent_micros = coalesce(c.spent_micros, 0)
+  AND b.held_micros = 0
   AND NOT EXISTS (SELECT 1 FROM ledger_transfers t
                   WHERE t.tenant_id = b.tenant_id AND t.id > coalesce(c.transfer_id, 0))
-  AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.tenant_id = b.tenant_id
-                  AND (r.money_state <> 'SETTLED' OR c.tenant_id IS NULL))
+  AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.tenant_id = b.tenant_id AND r.money_state <> 'SETTLED')
+  AND (c.tenant_id IS NOT NULL OR NOT EXISTS (SELECT 1 FROM runs r WHERE r.tenant_id = b.tenant_id))
 """)
 
 

@@ -401,6 +401,13 @@ def test_the_digest_stops_at_its_budget_of_parser_events():
     assert out["text_excerpt"] == "first"  # what was read before the budget ran out
 
 
+def test_a_script_longer_than_the_pending_limit_keeps_its_end_tag():
+    # Inside <script> the parser holds everything until </script>: dropping that
+    # (as an unfinished tag is dropped) would hide the rest of the page.
+    body = b"<p>before</p><script>var x = '" + b"x" * 300_000 + b"';</script><p>after</p>"
+    assert digest("https://example.com/", page(body), 1000, 50)["text_excerpt"] == "before after"
+
+
 def test_an_unfinished_construct_past_its_length_is_dropped_up_to_its_end():
     # An inline image of 200 KB held back as one unfinished tag: dropped to its `>`,
     # and its base64 never shows as text.

@@ -455,7 +455,7 @@ def _collapse(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
-# The digest's CPU budget, in parser events (tags, text runs, comments): a page
+# The digest's CPU budget, in parser events (tags and text runs): a page
 # of 1 MiB has tens of thousands. Counted, not timed, so the digest of a body is
 # the same on every machine; past it the digest keeps what it has read.
 MAX_PARSER_EVENTS = 200_000
@@ -588,14 +588,18 @@ def digest_html(text: str, final_url: str, excerpt_chars: int, max_links: int) -
                     continue
                 chunk, dropping = chunk[end + 1 :], False
             parser.feed(chunk)
-            if len(parser.rawdata) > MAX_PENDING_CHARS:
+            # Not inside <script> or <style>: their content is held until the end
+            # tag, found by one regex scan (cheap), and dropping it would lose that tag.
+            if len(parser.rawdata) > MAX_PENDING_CHARS and parser.cdata_elem is None:
                 parser.rawdata, dropping = "", True
         rest = parser.rawdata
         if rest and not rest.startswith("<"):  # text held back for a possible charref
             parser.handle_data(unescape(rest))
     except _OverBudget:  # keep what was read (MAX_PARSER_EVENTS)
         pass
-    except Exception:  # 3.11 asserts on some malformed markup; keep what was read
+    # 3.11 asserts on some malformed markup; keep what was read. Only the parser's
+    # own errors: anything else (the worker's time limit) must reach the worker.
+    except (AssertionError, ValueError, IndexError):
         pass
     base = final_url
     if parser.base is not None:
