@@ -328,11 +328,8 @@ def restore_mirrors(deps, *, force: bool = False) -> dict:
         metrics.REDIS_DATA_LOSSES.inc()
     with deps.db.transaction() as session:
         tenant_ids = list(session.execute(select(orm.Tenant.id).order_by(orm.Tenant.id)).scalars())
-    restored = []
-    for tenant_id in deps.budget.missing_mirrors(tenant_ids):
-        ledger.rebuild(deps, tenant_id)
-        restored.append(tenant_id)
-        metrics.MIRRORS_RESTORED.labels("redis_data_lost" if lost else "missing").inc()
+    restored = ledger.rebuild_many(deps, deps.budget.missing_mirrors(tenant_ids))
+    metrics.MIRRORS_RESTORED.labels("redis_data_lost" if lost else "missing").inc(len(restored))
     if lost:
         log.warning("redis lost its data: %d tenant budget mirrors rebuilt from the ledger", len(restored),
                     extra={"restored": len(restored), "tenants": len(tenant_ids)})

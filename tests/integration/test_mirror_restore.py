@@ -175,6 +175,50 @@ def test_after_a_wipe_every_tenant_is_restored_idle_ones_included(clean):
     assert_invariants(clean)
 
 
+def test_a_wipe_rebuilds_every_tenant_in_batches_not_one_transaction_each(clean):
+    """The >= 1,000-trial chaos run at b908836: after FLUSHALL, ~800 tenants rebuilt
+    one transaction each (~12 ms) kept runs past their 14 s bound. Fenced 100 at a
+    time, 150 tenants take two transactions of a few statements."""
+    from sqlalchemy import event
+
+    many = [make_tenant(clean)[0] for _ in range(150)]
+    busy, key = make_tenant(clean)
+    live = str(submit_run(clean, tenants.authenticate(clean, key), "b1", sub(), "t").run.id)
+    sweeps.restore_mirrors(clean)
+    wipe(clean)
+    statements: list[str] = []
+    listen = lambda *args: statements.append(args[2])  # noqa: E731 - (conn, cursor, statement, ...)
+    event.listen(clean.db.engine, "before_cursor_execute", listen)
+    try:
+        report = sweeps.restore_mirrors(clean)
+    finally:
+        event.remove(clean.db.engine, "before_cursor_execute", listen)
+    assert sorted(report["restored"]) == sorted(many + [busy])
+    fences = [s for s in statements if "pg_advisory_xact_lock" in s]
+    assert len(fences) == 2 and len(statements) < 15, statements
+    assert all(clean.budget.available(t) == 10_000_000 for t in many)
+    assert [h[0] for h in clean.budget.holds(busy)] == [live]
+    execute.execute_run(clean, live)
+    assert_invariants(clean)
+
+
+def test_fencing_many_tenants_waits_for_a_submission_holding_one(clean):
+    """The batch takes each tenant's fence: a submission between its hold and its
+    commit finishes first, and the rebuild then sees its RESERVE (R1)."""
+    from dpp.adapters.repository import fence_tenant
+
+    tenant_ids = [make_tenant(clean)[0] for _ in range(3)]
+    done = threading.Event()
+    with clean.db.transaction() as holder:
+        fence_tenant(holder, tenant_ids[1])
+        worker = threading.Thread(target=lambda: (ledger.rebuild_many(clean, tenant_ids), done.set()))
+        worker.start()
+        assert not done.wait(0.5), "the batch did not wait for the held fence"
+    worker.join(10)
+    assert done.is_set()
+    assert_invariants(clean, tenant_ids)
+
+
 def test_a_restore_drops_orphan_holds_the_ledger_never_recorded(clean):
     """Under the fence a hold the ledger does not know is an orphan: the rebuild
     drops it, and a late unhold by its dying submission gives nothing twice."""
@@ -234,16 +278,16 @@ def test_a_restore_cut_short_is_finished_on_the_next_watch(clean, monkeypatch):
 
     first, second = make_tenant(clean)[0], make_tenant(clean)[0]
     wipe(clean)
-    real_rebuild, calls = ledger.rebuild, []
+    real_rebuild, calls = ledger._rebuild_fenced, []
 
-    def blink_once(deps, tenant_id, **kw):
-        if "session" not in kw:              # the watcher's call, not rebuild's own recursion
-            calls.append(tenant_id)
-        if len(calls) == 2 and "session" not in kw:
+    def blink_once(deps, session, tenant_ids):
+        calls.append(tenant_ids)
+        if len(calls) == 2:
             raise ConnectionError("PostgreSQL went away")
-        return real_rebuild(deps, tenant_id, **kw)
+        return real_rebuild(deps, session, tenant_ids)
 
-    monkeypatch.setattr(ledger, "rebuild", blink_once)
+    monkeypatch.setattr(ledger, "REBUILD_BATCH", 1)  # a batch each: the blink falls between them
+    monkeypatch.setattr(ledger, "_rebuild_fenced", blink_once)
     monkeypatch.setattr("dpp.bootstrap.deps", lambda: clean)
     beat.watch_mirror()                      # one tenant restored, then the blink
     assert sum(clean.budget.available(t) is None for t in (first, second)) == 1
