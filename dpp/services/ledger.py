@@ -98,13 +98,13 @@ def balances(session: Session, tenant_id: str, *, for_update: bool = False) -> B
     stmt = select(orm.TenantBalance).where(orm.TenantBalance.tenant_id == tenant_id)
     if for_update:
         stmt = stmt.with_for_update()
-    row = session.execute(stmt).scalar_one()
-    return Balances(
-        funding=row.funding_micros,
-        available=row.available_micros,
-        held=row.held_micros,
-        spent=row.spent_micros,
-    )
+    return _balances_of(session.execute(stmt).scalar_one())
+
+
+def _balances_of(row) -> Balances:
+    """The four sums of a balance row or a checkpoint row."""
+    return Balances(funding=row.funding_micros, available=row.available_micros,
+                    held=row.held_micros, spent=row.spent_micros)
 
 
 def version(session: Session, tenant_id: str) -> str:
@@ -170,8 +170,7 @@ def checkpoint(session: Session, tenant_id: str) -> Checkpoint:
     row = session.get(orm.LedgerCheckpoint, tenant_id)
     if row is None:
         return Checkpoint()
-    return Checkpoint(row.transfer_id, Balances(funding=row.funding_micros, available=row.available_micros,
-                                                held=row.held_micros, spent=row.spent_micros))
+    return Checkpoint(row.transfer_id, _balances_of(row))
 
 
 def balances_from_transfers(session: Session, tenant_id: str, since: Checkpoint = Checkpoint()) -> Checkpoint:
@@ -446,8 +445,7 @@ def rebuild_many(deps, tenant_ids: list[str]) -> list[str]:
 def _rebuild_fenced(deps, session: Session, tenant_ids: list[str]) -> dict[str, Balances]:
     fence_tenants(session, tenant_ids)
     books = {
-        row.tenant_id: Balances(funding=row.funding_micros, available=row.available_micros,
-                                held=row.held_micros, spent=row.spent_micros)
+        row.tenant_id: _balances_of(row)
         for row in session.execute(select(orm.TenantBalance).where(orm.TenantBalance.tenant_id.in_(tenant_ids)))
         .scalars()
     }
